@@ -1,0 +1,233 @@
+"""The Label Studio ML backend protocol: /health, /setup, /predict, /webhook, plus /versions."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from backend import metrics
+from backend.errors import ApiError
+from backend.payloads import json_body, label_from, project_id
+from backend.services import Services, base_version, cached_rubric
+from model.prompt import TaskDataError
+from model.results import values_from_result
+from model.rubric import Rubric, RubricError, parse_extra_params
+
+log = logging.getLogger(__name__)
+bp = Blueprint("protocol", __name__)
+LABEL_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}
+
+
+def services() -> Services:
+    return current_app.extensions["slm"]
+
+
+def _rubric(config: str, extra: Any) -> Rubric:
+    try:
+        return cached_rubric(config, json.dumps(parse_extra_params(extra), sort_keys=True))
+    except RubricError as exc:
+        raise ApiError(422, f"label config: {exc}") from exc
+
+
+@bp.get("/health")
+@bp.get("/")
+def health() -> Any:
+    svc = services()
+    return jsonify(
+        status="UP",
+        model_class="SLMAnnotator",
+        model_loaded=svc.model.loaded is not None,
+        base_model=base_version(svc.settings),
+    )
+
+
+@bp.post("/setup")
+def setup() -> Any:
+    """Called before every prediction round and on every task open: store, parse, answer; no model load."""
+    svc = services()
+    body = json_body(request)
+    pid = project_id(body.get("project"), required=False)
+    config = body.get("schema") or body.get("label_config") or ""
+    if not isinstance(config, str):
+        raise ApiError(400, "'schema' must be the label config XML as a string")
+    extra = parse_extra_params(body.get("extra_params"))
+    if config:
+        _rubric(config, extra)
+    if pid:
+        fields: dict[str, Any] = {"extra_params": extra}
+        if config:
+            fields["label_config"] = config
+        if isinstance(body.get("hostname"), str) and body["hostname"]:
+            fields["hostname"] = body["hostname"][:512]
+        if isinstance(body.get("access_token"), str) and body["access_token"]:
+            fields["access_token"] = body["access_token"]
+        project = svc.store.project(pid)
+        if project is None or any(getattr(project, k) != v for k, v in fields.items()):
+            svc.store.upsert_project(pid, **fields)
+    _, version = svc.adapter_for(pid)
+    return jsonify(model_version=version)
+
+
+@bp.post("/predict")
+def predict() -> Any:
+    svc = services()
+    body = json_body(request)
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list):
+        raise ApiError(400, "missing 'tasks': expected a list of Label Studio tasks")
+    if len(tasks) > svc.settings.max_tasks_per_request:
+        raise ApiError(
+            413, f"{len(tasks)} tasks in one request; the limit is {svc.settings.max_tasks_per_request} "
+            "(MAX_TASKS_PER_REQUEST)"
+        )
+    for n, task in enumerate(tasks):
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise ApiError(400, f"task #{n} must be an object with a 'data' object")
+    pid = project_id(body.get("project"), required=False)
+    stored = svc.store.project(pid) if pid else None
+    config = body.get("label_config") or (stored.label_config if stored else "")
+    if not config or not isinstance(config, str):
+        raise ApiError(400, "no label config: send 'label_config' or call /setup for this project first")
+    params = body.get("params") if isinstance(body.get("params"), dict) else {}
+    extra = parse_extra_params(params.get("extra_params")) or (stored.extra_params if stored else {})
+    rubric = _rubric(config, extra)
+    adapter, version = svc.adapter_for(pid)
+    if not tasks:
+        return jsonify(results=[], model_version=version)
+    if not svc.predict_slots.acquire(timeout=0.05):
+        metrics.REJECTED.inc()
+        raise ApiError(503, "overloaded: too many predictions in flight (PREDICT_QUEUE_LIMIT); retry later")
+    try:
+        preds = svc.model.predict(rubric, tasks, adapter, version, str(extra.get("decoding", "argmax")))
+    except TaskDataError as exc:
+        raise ApiError(422, str(exc)) from exc
+    finally:
+        svc.predict_slots.release()
+    base = svc.model.loaded
+    if base is not None:
+        metrics.MODEL_LOAD.set(base.load_seconds)
+    metrics.PREDICTIONS.labels(pid or "none").inc(len(preds))
+    if pid:
+        _record(svc, pid, rubric, tasks, preds)
+    return jsonify(
+        results=[{"result": p.result, "score": p.score, "model_version": p.model_version} for p in preds],
+        model_version=version,
+    )
+
+
+def _record(svc: Services, pid: str, rubric: Rubric, tasks: list[Any], preds: list[Any]) -> None:
+    rows = []
+    for task, pred in zip(tasks, preds, strict=True):
+        if isinstance(task.get("id"), int) and not isinstance(task.get("id"), bool):
+            values = values_from_result(rubric, pred.result)
+            rows.append({"task_id": task["id"], "model_version": pred.model_version, "values": values,
+                         "score": pred.score})
+    try:
+        svc.store.record_predictions(pid, rows)
+    except Exception:
+        log.exception("could not record predictions for project %s", pid)
+
+
+@bp.post("/webhook")
+def webhook() -> Any:
+    """Validate, write, maybe enqueue; never wait on training (LS waits 1 s and never retries)."""
+    svc = services()
+    body = json_body(request)
+    action = body.get("action")
+    if not isinstance(action, str) or not action:
+        raise ApiError(400, "missing 'action'")
+    metrics.WEBHOOKS.labels(action if action.isupper() and len(action) < 40 else "OTHER").inc()
+    if action in LABEL_ACTIONS:
+        return jsonify(_store_annotation(svc, body))
+    if action == "ANNOTATIONS_DELETED":
+        return jsonify(_delete_annotations(svc, body))
+    if action == "START_TRAINING":
+        pid = project_id(body.get("project"))
+        _remember_project(svc, pid, body.get("project"))
+        svc.store.set_flags(pid, sync_requested=True)
+        state = svc.trigger.maybe_train(pid, force=True, trigger="start_training")
+        metrics.TRAININGS_QUEUED.labels(state.split(":")[0]).inc()
+        return jsonify(status="ok", training=state)
+    return jsonify(status="ignored", action=action[:64])
+
+
+def _remember_project(svc: Services, pid: str, project: Any) -> str:
+    """Keeps the label config that webhooks carry, so labels arriving before /setup still parse."""
+    stored = svc.store.project(pid)
+    config = project.get("label_config") if isinstance(project, dict) else None
+    if isinstance(config, str) and config and (stored is None or stored.label_config != config):
+        svc.store.upsert_project(pid, label_config=config)
+        return config
+    return stored.label_config if stored else ""
+
+
+def _store_annotation(svc: Services, body: dict[str, Any]) -> dict[str, Any]:
+    annotation = body.get("annotation")
+    if not isinstance(annotation, dict):
+        raise ApiError(400, "'annotation' must be a JSON object")
+    pid = project_id(body.get("project") or annotation.get("project"))
+    config = _remember_project(svc, pid, body.get("project"))
+    values: dict[str, str] = {}
+    if config:
+        try:
+            values = values_from_result(cached_rubric(config, ""), annotation.get("result"))
+        except RubricError:
+            values = {}  # still stored: training re-parses raw results against the config of its time
+    label = label_from(annotation, body.get("task"), "webhook", values)
+    changed = svc.store.upsert_label(pid, label)
+    if changed:
+        metrics.LABELS_STORED.labels(pid).inc()
+    state = svc.trigger.maybe_train(pid) if changed else "unchanged"
+    metrics.TRAININGS_QUEUED.labels(state.split(":")[0]).inc()
+    return {"status": "stored" if changed else "unchanged", "training": state}
+
+
+def _delete_annotations(svc: Services, body: dict[str, Any]) -> dict[str, Any]:
+    items = body.get("annotations")
+    if not isinstance(items, list):
+        raise ApiError(400, "'annotations' must be a list of {id} objects")
+    ids: list[int] = []
+    for item in items:
+        ann_id = item.get("id") if isinstance(item, dict) else item
+        if isinstance(ann_id, bool) or not isinstance(ann_id, int):
+            raise ApiError(400, "every deleted annotation needs an integer 'id'")
+        ids.append(ann_id)
+    project = body.get("project")
+    if project is None and items and isinstance(items[0], dict):
+        project = items[0].get("project")
+    pid = project_id(project)
+    changed = svc.store.delete_labels(pid, ids)
+    state = svc.trigger.maybe_train(pid) if changed else "unchanged"
+    return {"status": "deleted", "count": changed, "training": state}
+
+
+@bp.get("/versions/<project>")
+def versions(project: str) -> Any:
+    svc = services()
+    pid = project_id(project)
+    served = svc.store.served_adapter(pid)
+    return jsonify(
+        project=pid,
+        served=served.model_version if served else base_version(svc.settings),
+        adapters=[
+            {
+                "version": a.version,
+                "model_version": a.model_version,
+                "status": a.status,
+                "metrics": a.metrics,
+                "created_at": a.created_at.isoformat() + "Z",
+                "promoted_at": a.promoted_at.isoformat() + "Z" if a.promoted_at else None,
+            }
+            for a in svc.store.adapters(pid)
+        ],
+        runs=[
+            {"id": r.id, "status": r.status, "trigger": r.trigger, "n_train": r.n_train, "n_heldout": r.n_heldout,
+             "error": r.error[:500], "started_at": r.started_at.isoformat() + "Z"}
+            for r in svc.store.runs(pid)
+        ],
+        labels=svc.store.count_labels(pid),
+        pending=svc.store.pending_changes(pid),
+    )

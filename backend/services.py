@@ -1,0 +1,64 @@
+"""What request handlers share in one process: settings, the store, the model, the training trigger."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from model.rubric import Rubric, parse_label_config
+from model.serving import AdapterRef, ModelServer
+from slm_annotator.settings import Settings
+from slm_annotator.store import Store
+from worker.policy import Trigger
+from worker.redis_conn import connect
+
+
+def base_version(settings: Settings) -> str:
+    """The model_version served before any adapter exists; computed without loading the model."""
+    base = settings.base_model.lower()
+    name = "smollm2-135m" if base.startswith("smollm2") else base.rstrip("/").split("/")[-1]
+    return f"{name}-{settings.quantization}-base"
+
+
+@lru_cache(maxsize=256)
+def cached_rubric(label_config: str, extra_json: str) -> Rubric:
+    return parse_label_config(label_config, extra_json or None)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    model: ModelServer
+    trigger: Trigger
+    predict_slots: threading.BoundedSemaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.predict_slots = threading.BoundedSemaphore(max(1, self.settings.predict_queue_limit))
+
+    def adapter_for(self, project_id: str) -> tuple[AdapterRef | None, str]:
+        served = self.store.served_adapter(project_id) if project_id else None
+        if served is None:
+            return None, base_version(self.settings)
+        return AdapterRef(served.model_version, Path(served.path)), served.model_version
+
+
+def build_services(settings: Settings, model: ModelServer | None = None, store: Store | None = None) -> Services:
+    store = store or Store(settings.database_url)
+    model = model or ModelServer(
+        settings.base_model,
+        settings.model_dir,
+        settings.quantization,
+        settings.device,
+        settings.predict_batch_size,
+        settings.max_prompt_tokens,
+        settings.max_loaded_adapters,
+    )
+
+    def conn_factory() -> Any:
+        return connect(settings.redis_url, settings.model_dir, fast_fail=True)
+
+    return Services(settings, store, model, Trigger(settings, store, conn_factory))

@@ -1,0 +1,201 @@
+"""Prompts: one token sequence per task that holds the texts, the rubric and one answer slot per dimension.
+
+All dimensions are read in ONE forward pass: each answer slot holds a fixed placeholder token, so the
+prediction at a slot never depends on the answers given for earlier dimensions. Training builds the very
+same sequences, so what is trained is what is served.
+"""
+
+from __future__ import annotations
+
+import html
+import random
+import re
+import string
+from dataclasses import dataclass
+from typing import Any
+
+from model.rubric import Dimension, Rubric, TextObject
+
+CODES = string.ascii_uppercase + string.ascii_lowercase
+SYSTEM_HINT = (
+    "You are a careful annotator. Read the input and judge it on every criterion of the rubric, "
+    "the way the team's human annotators would."
+)
+
+
+class TaskDataError(ValueError):
+    """A task lacks the data its label config points at (a 4xx for the caller)."""
+
+
+@dataclass(frozen=True)
+class AnswerSpace:
+    """How a dimension's values are spelled in the prompt and which single tokens answer it."""
+
+    token_ids: tuple[int, ...]  # one per value, in Dimension.values order
+    shown: tuple[str, ...]  # what the prompt lists for each value
+    codes: tuple[str, ...]  # the answer text per value (the value itself, or a letter code)
+    space_before: bool  # the answer token carries its leading space
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A task's token ids with, per dimension, the position whose logits choose the answer."""
+
+    input_ids: list[int]
+    read_positions: list[int]  # index in input_ids whose next-token logits are read, per dimension
+    option_orders: list[tuple[int, ...]]  # per dimension: permutation of values as listed (augmentation)
+
+
+def _lookup(data: dict[str, Any], key: str) -> Any:
+    current: Any = data
+    for part in key.split("."):
+        if not isinstance(current, dict) or part not in current:
+            raise TaskDataError(f"task data has no field {key!r} (the label config refers to ${key})")
+        current = current[part]
+    return current
+
+
+def _strip_html(text: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", " ", text))
+
+
+def object_text(obj: TextObject, data: dict[str, Any]) -> str:
+    """The text an object shows the annotator, rebuilt from task data."""
+    if not isinstance(data, dict):
+        raise TaskDataError("task data must be a JSON object")
+    if obj.tag == "paragraphs":
+        items = _lookup(data, obj.data_keys[0]) if obj.data_keys else []
+        if not isinstance(items, list):
+            raise TaskDataError(f"field ${obj.data_keys[0]} of <Paragraphs {obj.name}> must be a list")
+        lines = []
+        for item in items:
+            if isinstance(item, dict):
+                lines.append(f"{item.get(obj.name_key, '')}: {item.get(obj.text_key, '')}".strip(": "))
+            else:
+                lines.append(str(item))
+        return "\n".join(lines)
+
+    def substitute(match: re.Match[str]) -> str:
+        value = _lookup(data, match.group(1))
+        return value if isinstance(value, str) else ("" if value is None else str(value))
+
+    text = re.sub(r"\$([A-Za-z_][\w.]*)", substitute, obj.value)
+    return _strip_html(text) if obj.tag == "hypertext" else text
+
+
+def _single_tokens(tokenizer: Any, strings: list[str], space: bool) -> list[int] | None:
+    ids = []
+    for s in strings:
+        enc = tokenizer.encode((" " if space else "") + s, add_special_tokens=False)
+        if len(enc) != 1:
+            return None
+        ids.append(enc[0])
+    return ids if len(set(ids)) == len(ids) else None
+
+
+def answer_space(tokenizer: Any, dim: Dimension) -> AnswerSpace:
+    """Prefer the values themselves as answers (the model's prior knows "1".."5", "yes"); else letter codes."""
+    candidates = [list(dim.values)]
+    if dim.control_type == "choices" and not dim.is_option:
+        candidates.append(list(CODES[: len(dim.values)]))
+    else:
+        candidates.append(list(CODES[: len(dim.values)]))
+    for codes in candidates:
+        for space in (True, False):
+            ids = _single_tokens(tokenizer, codes, space)
+            if ids is not None:
+                shown = tuple(
+                    v if c == v else f"{c} = {v}" for c, v in zip(codes, dim.values, strict=True)
+                )
+                return AnswerSpace(tuple(ids), shown, tuple(codes), space)
+    raise ValueError(f"no single-token answers for dimension {dim.key!r} with this tokenizer")
+
+
+class PromptBuilder:
+    """Builds the same token layout for serving and training; `rng` turns on the paper's augmentation."""
+
+    def __init__(self, tokenizer: Any, rubric: Rubric, max_tokens: int = 1024) -> None:
+        self.tokenizer = tokenizer
+        self.rubric = rubric
+        self.max_tokens = max_tokens
+        self.spaces = [answer_space(tokenizer, d) for d in rubric.dimensions]
+        slot = tokenizer.encode(" ?", add_special_tokens=False)
+        self.slot_id = slot[-1]
+        self.has_chat = bool(getattr(tokenizer, "chat_template", None))
+
+    # -- text parts -------------------------------------------------------------------------------
+    def _criteria(self, order: list[tuple[int, ...]]) -> str:
+        lines = []
+        for dim, space, perm in zip(self.rubric.dimensions, self.spaces, order, strict=True):
+            shown = ", ".join(space.shown[i] for i in perm)
+            if dim.is_option:
+                scale = "yes or no"
+            elif dim.level == "nominal":
+                scale = f"one of: {shown}"
+            else:
+                scale = f"scale {shown} (low to high)" if len(shown) < 80 else f"one of: {shown}"
+            desc = f" {dim.description.strip()}" if dim.description.strip() else ""
+            lines.append(f"- {dim.title} ({scale}).{desc}")
+        return "\n".join(lines)
+
+    def _truncate(self, texts: list[str], budget: int) -> list[str]:
+        """Water-fill the token budget over the texts so one long field cannot crowd out the others."""
+        encoded = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        caps = [len(e) for e in encoded]
+        if sum(caps) <= budget:
+            return texts
+        remaining, open_ids = max(budget, 0), sorted(range(len(caps)), key=lambda i: caps[i])
+        limits = [0] * len(caps)
+        for n, i in enumerate(open_ids):
+            share = remaining // (len(open_ids) - n)
+            limits[i] = min(caps[i], share)
+            remaining -= limits[i]
+        return [
+            t if limits[i] >= caps[i] else self.tokenizer.decode(encoded[i][: limits[i]]) + " [...]"
+            for i, t in enumerate(texts)
+        ]
+
+    def _user_message(self, texts: list[tuple[str, str]], order: list[tuple[int, ...]]) -> str:
+        intro = SYSTEM_HINT + (f"\n{self.rubric.instructions.strip()}" if self.rubric.instructions else "")
+        body = "\n\n".join(f"### {name}\n{text}" for name, text in texts)
+        return f"{intro}\n\n{body}\n\n### Rubric\n{self._criteria(order)}\n\nAnswer each criterion on its own line."
+
+    def _prefix_ids(self, message: str) -> list[int]:
+        if self.has_chat:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return bos + self.tokenizer.encode(message + "\n\nAnswers:\n", add_special_tokens=False)
+
+    def _answer_tail(self) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        reads: list[int] = []
+        for n, (dim, space) in enumerate(zip(self.rubric.dimensions, self.spaces, strict=True)):
+            label = ("\n" if n else "") + f"{dim.title}:" + ("" if space.space_before else " ")
+            ids.extend(self.tokenizer.encode(label, add_special_tokens=False))
+            reads.append(len(ids) - 1)
+            ids.append(self.slot_id)
+        return ids, reads
+
+    # -- public -----------------------------------------------------------------------------------
+    def encode(self, data: dict[str, Any], rng: random.Random | None = None) -> Encoded:
+        objects = list(self.rubric.objects)
+        order = [tuple(range(len(d.values))) for d in self.rubric.dimensions]
+        if rng is not None:
+            rng.shuffle(objects)
+            for i, dim in enumerate(self.rubric.dimensions):
+                if dim.level == "nominal" and not dim.is_option:
+                    perm = list(order[i])
+                    rng.shuffle(perm)
+                    order[i] = tuple(perm)
+        raw = [(o.name, object_text(o, data)) for o in objects]
+        tail, reads = self._answer_tail()
+        overhead = len(self._prefix_ids(self._user_message([(n, "") for n, _ in raw], order))) + len(tail)
+        # a cut text gains a marker and may re-tokenise a little longer: keep a small reserve per field
+        texts = self._truncate([t for _, t in raw], self.max_tokens - overhead - 8 * len(raw))
+        prefix = self._prefix_ids(self._user_message([(n, t) for (n, _), t in zip(raw, texts, strict=True)], order))
+        return Encoded(prefix + tail, [len(prefix) + r for r in reads], order)

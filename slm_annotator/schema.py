@@ -1,0 +1,98 @@
+"""Tables of the label store. Changes go through an Alembic migration in slm_annotator/migrations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    label_config: Mapped[str] = mapped_column(Text, default="")
+    extra_params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    hostname: Mapped[str] = mapped_column(String(512), default="")
+    access_token: Mapped[str] = mapped_column(Text, default="")  # a secret: never logged or exported
+    label_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    trained_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    training_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    sync_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class Annotation(Base):
+    __tablename__ = "annotations"
+    __table_args__ = (UniqueConstraint("project_id", "annotation_id", name="uq_annotation"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    annotation_id: Mapped[int] = mapped_column(BigInteger)
+    task_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
+    annotator: Mapped[str] = mapped_column(String(255), default="")
+    result: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    task_data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    cancelled: Mapped[bool] = mapped_column(Boolean, default=False)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    hard: Mapped[bool] = mapped_column(Boolean, default=False)
+    source: Mapped[str] = mapped_column(String(16), default="webhook")
+    ls_updated_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class AdapterVersion(Base):
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("project_id", "version", name="uq_adapter_version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    model_version: Mapped[str] = mapped_column(String(255), unique=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    status: Mapped[str] = mapped_column(String(16))  # served | refused | retired
+    base_model: Mapped[str] = mapped_column(String(255), default="")
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    training_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class TrainingRun(Base):
+    __tablename__ = "training_runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    job_id: Mapped[str] = mapped_column(String(255), default="")
+    trigger: Mapped[str] = mapped_column(String(32), default="threshold")
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running|promoted|refused|failed|skipped
+    seq_snapshot: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_train: Mapped[int] = mapped_column(Integer, default=0)
+    n_heldout: Mapped[int] = mapped_column(Integer, default=0)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str] = mapped_column(Text, default="")
+    adapter_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("project_id", "task_id", "model_version", name="uq_prediction"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    task_id: Mapped[int] = mapped_column(BigInteger)
+    model_version: Mapped[str] = mapped_column(String(255))
+    values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

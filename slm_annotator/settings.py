@@ -1,0 +1,135 @@
+"""All configuration, read once from the environment. Every knob is documented in the README table."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = _env(name, str(default))
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = _env(name, str(default))
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from exc
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = _env(name, "1" if default else "0").strip().lower()
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"environment variable {name} must be a boolean (true/false), got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_dir: Path
+    database_url: str
+    redis_url: str  # empty: embedded redis-server under MODEL_DIR
+    base_model: str
+    quantization: str  # nf4 | none
+    device: str  # auto | cpu | cuda
+    max_prompt_tokens: int
+    predict_batch_size: int
+    max_tasks_per_request: int
+    max_body_bytes: int
+    max_loaded_adapters: int
+    basic_auth_user: str
+    basic_auth_pass: str
+    webhook_secret: str
+    label_studio_url: str
+    label_studio_api_key: str
+    train_threshold: int
+    train_job_timeout: int
+    train_retries: int
+    heldout_fraction: float
+    promotion_tolerance: float
+    train_epochs: int
+    train_lr: float
+    train_batch_size: int
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_targets: tuple[str, ...]
+    token_dropout: float
+    token_dropout_share: float
+    seed: int
+    outbound_timeout: float
+    log_level: str
+    workers: int
+    threads: int
+    predict_queue_limit: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+
+def load_settings() -> Settings:
+    model_dir = Path(_env("MODEL_DIR", str(Path.cwd() / "model_dir"))).expanduser().resolve()
+    targets = tuple(
+        t.strip()
+        for t in _env("LORA_TARGETS", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj").split(",")
+        if t.strip()
+    )
+    quant = _env("QUANTIZATION", "nf4").lower()
+    if quant not in {"nf4", "none"}:
+        raise ValueError(f"QUANTIZATION must be 'nf4' or 'none', got {quant!r}")
+    device = _env("DEVICE", "auto").lower()
+    if device not in {"auto", "cpu", "cuda"}:
+        raise ValueError(f"DEVICE must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    return Settings(
+        model_dir=model_dir,
+        database_url=_env("DATABASE_URL", f"sqlite:///{model_dir / 'labels.sqlite3'}"),
+        redis_url=_env("REDIS_URL", ""),
+        base_model=_env("BASE_MODEL", "smollm2"),
+        quantization=quant,
+        device=device,
+        max_prompt_tokens=_env_int("MAX_PROMPT_TOKENS", 1024),
+        predict_batch_size=_env_int("PREDICT_BATCH_SIZE", 8),
+        max_tasks_per_request=_env_int("MAX_TASKS_PER_REQUEST", 1000),
+        max_body_bytes=_env_int("MAX_BODY_BYTES", 32 * 1024 * 1024),
+        max_loaded_adapters=_env_int("MAX_LOADED_ADAPTERS", 4),
+        basic_auth_user=_env("BASIC_AUTH_USER", ""),
+        basic_auth_pass=_env("BASIC_AUTH_PASS", ""),
+        webhook_secret=_env("WEBHOOK_SECRET", ""),
+        label_studio_url=_env("LABEL_STUDIO_URL", "").rstrip("/"),
+        label_studio_api_key=_env("LABEL_STUDIO_API_KEY", ""),
+        train_threshold=_env_int("TRAIN_THRESHOLD", 50),
+        train_job_timeout=_env_int("TRAIN_JOB_TIMEOUT", 6 * 3600),
+        train_retries=_env_int("TRAIN_RETRIES", 2),
+        heldout_fraction=_env_float("HELDOUT_FRACTION", 0.2),
+        promotion_tolerance=_env_float("PROMOTION_TOLERANCE", 0.0),
+        train_epochs=_env_int("TRAIN_EPOCHS", 4),
+        train_lr=_env_float("TRAIN_LR", 5e-4),
+        train_batch_size=_env_int("TRAIN_BATCH_SIZE", 8),
+        lora_r=_env_int("LORA_R", 16),
+        lora_alpha=_env_int("LORA_ALPHA", 32),
+        lora_dropout=_env_float("LORA_DROPOUT", 0.05),
+        lora_targets=targets,
+        token_dropout=_env_float("TOKEN_DROPOUT", 0.03),
+        token_dropout_share=_env_float("TOKEN_DROPOUT_SHARE", 0.5),
+        seed=_env_int("SEED", 0),
+        outbound_timeout=_env_float("OUTBOUND_TIMEOUT", 10.0),
+        log_level=_env("LOG_LEVEL", "INFO").upper(),
+        workers=_env_int("WORKERS", 1),
+        threads=_env_int("THREADS", 4),
+        predict_queue_limit=_env_int("PREDICT_QUEUE_LIMIT", 8),
+    )

@@ -1,0 +1,373 @@
+"""The label store: every annotation, adapter version and training run, in SQLite or PostgreSQL.
+
+Writes are idempotent and ordered by Label Studio's own `updated_at`, so a repeated or late webhook never
+duplicates a label nor overwrites a newer one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from slm_annotator.schema import AdapterVersion, Annotation, Prediction, Project, TrainingRun, utcnow
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+@dataclass(frozen=True)
+class LabelIn:
+    """One annotation as received (webhook, sync or import), already parsed against the rubric."""
+
+    annotation_id: int
+    task_id: int | None
+    annotator: str
+    result: list[Any]
+    values: dict[str, str]
+    task_data: dict[str, Any]
+    cancelled: bool = False
+    ls_updated_at: datetime | None = None
+    source: str = "webhook"
+    hard: bool = False
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers never block the webhook writer
+            cur.execute("PRAGMA synchronous=FULL")  # an acknowledged label survives power loss
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def migrate(engine: Engine) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class Store:
+    def __init__(self, url: str, run_migrations: bool = True) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        if run_migrations:
+            migrate(self.engine)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self.sessions.begin() as s:
+            yield s
+
+    # -- projects ----------------------------------------------------------------------------------
+    def upsert_project(self, project_id: str, **fields: Any) -> Project:
+        fields = {k: v for k, v in fields.items() if v is not None}
+        for attempt in range(2):
+            try:
+                with self.session() as s:
+                    project = s.get(Project, project_id)
+                    if project is None:
+                        project = Project(id=project_id, **fields)
+                        s.add(project)
+                    else:
+                        for key, value in fields.items():
+                            setattr(project, key, value)
+                    s.flush()
+                    return project
+            except IntegrityError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def project(self, project_id: str) -> Project | None:
+        with self.session() as s:
+            return s.get(Project, project_id)
+
+    def projects(self) -> list[Project]:
+        with self.session() as s:
+            return list(s.scalars(select(Project).order_by(Project.id)))
+
+    def _bump(self, s: Session, project_id: str) -> int:
+        return int(
+            s.execute(
+                update(Project)
+                .where(Project.id == project_id)
+                .values(label_seq=Project.label_seq + 1)
+                .returning(Project.label_seq)
+            ).scalar_one()
+        )
+
+    # -- labels ------------------------------------------------------------------------------------
+    def upsert_label(self, project_id: str, label: LabelIn) -> bool:
+        """True when the store changed. Equal or older `updated_at` than stored: no-op."""
+        for attempt in range(3):
+            try:
+                with self.session() as s:
+                    return self._upsert_label(s, project_id, label)
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        return False
+
+    def _upsert_label(self, s: Session, project_id: str, label: LabelIn) -> bool:
+        if s.get(Project, project_id) is None:
+            s.add(Project(id=project_id))
+            s.flush()
+        row = s.scalars(
+            select(Annotation).where(
+                Annotation.project_id == project_id, Annotation.annotation_id == label.annotation_id
+            )
+        ).first()
+        if row is not None and row.ls_updated_at and label.ls_updated_at and label.ls_updated_at <= row.ls_updated_at:
+            return False
+        if row is not None and row.deleted:
+            return False  # Label Studio never updates a deleted annotation: this one is late
+        if row is None:
+            row = Annotation(project_id=project_id, annotation_id=label.annotation_id)
+            s.add(row)
+        elif (
+            row.result == label.result
+            and row.cancelled == label.cancelled
+            and row.values == label.values
+            and row.annotator == label.annotator
+        ):
+            row.ls_updated_at = label.ls_updated_at or row.ls_updated_at
+            return False
+        row.task_id = label.task_id
+        row.annotator = label.annotator
+        row.result = label.result
+        row.values = label.values
+        row.task_data = label.task_data or row.task_data or {}
+        row.cancelled = label.cancelled
+        row.hard = row.hard or label.hard
+        row.source = label.source
+        row.ls_updated_at = label.ls_updated_at
+        row.seq = self._bump(s, project_id)
+        s.flush()
+        return True
+
+    def delete_labels(self, project_id: str, annotation_ids: list[int]) -> int:
+        """Marks deleted (a tombstone even if the create never arrived, so a late create stays dead)."""
+        changed = 0
+        with self.session() as s:
+            if s.get(Project, project_id) is None:
+                s.add(Project(id=project_id))
+                s.flush()
+            for ann_id in annotation_ids:
+                row = s.scalars(
+                    select(Annotation).where(
+                        Annotation.project_id == project_id, Annotation.annotation_id == ann_id
+                    )
+                ).first()
+                if row is None:
+                    row = Annotation(project_id=project_id, annotation_id=ann_id, ls_updated_at=utcnow())
+                    s.add(row)
+                elif row.deleted:
+                    continue
+                row.deleted = True
+                row.seq = self._bump(s, project_id)
+                changed += 1
+        return changed
+
+    def labels(self, project_id: str, include_inactive: bool = False) -> list[Annotation]:
+        with self.session() as s:
+            q = select(Annotation).where(Annotation.project_id == project_id)
+            if not include_inactive:
+                q = q.where(Annotation.deleted.is_(False), Annotation.cancelled.is_(False))
+            return list(s.scalars(q.order_by(Annotation.task_id, Annotation.annotation_id)))
+
+    def count_labels(self, project_id: str) -> int:
+        with self.session() as s:
+            return int(
+                s.scalar(
+                    select(func.count()).where(
+                        Annotation.project_id == project_id,
+                        Annotation.deleted.is_(False),
+                        Annotation.cancelled.is_(False),
+                    )
+                )
+                or 0
+            )
+
+    def pending_changes(self, project_id: str) -> int:
+        """Labels added or changed since the last successful training (the watermark)."""
+        with self.session() as s:
+            project = s.get(Project, project_id)
+            if project is None:
+                return 0
+            return int(
+                s.scalar(
+                    select(func.count()).where(
+                        Annotation.project_id == project_id, Annotation.seq > project.trained_seq
+                    )
+                )
+                or 0
+            )
+
+    def set_flags(self, project_id: str, **flags: bool) -> None:
+        with self.session() as s:
+            s.execute(update(Project).where(Project.id == project_id).values(**flags))
+
+    def requested(self) -> list[Project]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Project).where(Project.training_requested.is_(True) | Project.sync_requested.is_(True))
+                )
+            )
+
+    # -- training runs and adapters -------------------------------------------------------------------
+    def start_run(self, project_id: str, job_id: str, trigger: str) -> TrainingRun:
+        with self.session() as s:
+            stale = s.scalars(
+                select(TrainingRun).where(TrainingRun.project_id == project_id, TrainingRun.status == "running")
+            )
+            for run in stale:  # a previous attempt of this job was killed: it never finished
+                run.status = "abandoned"
+                run.finished_at = utcnow()
+            project = s.get(Project, project_id)
+            snapshot = project.label_seq if project else 0
+            run = TrainingRun(project_id=project_id, job_id=job_id, trigger=trigger, seq_snapshot=snapshot)
+            s.add(run)
+            s.flush()
+            return run
+
+    def finish_run(self, run_id: int, status: str, **fields: Any) -> None:
+        with self.session() as s:
+            run = s.get(TrainingRun, run_id)
+            if run is None:
+                return
+            run.status = status
+            run.finished_at = utcnow()
+            for key, value in fields.items():
+                setattr(run, key, value)
+            if status in {"promoted", "refused"}:
+                project = s.get(Project, run.project_id)
+                if project is not None and run.seq_snapshot > project.trained_seq:
+                    project.trained_seq = run.seq_snapshot
+                    project.training_requested = False
+
+    def runs(self, project_id: str) -> list[TrainingRun]:
+        with self.session() as s:
+            return list(
+                s.scalars(select(TrainingRun).where(TrainingRun.project_id == project_id).order_by(TrainingRun.id))
+            )
+
+    def next_adapter_version(self, project_id: str) -> int:
+        with self.session() as s:
+            top = s.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.project_id == project_id))
+            return int(top or 0) + 1
+
+    def add_adapter(self, adapter: AdapterVersion, serve: bool) -> AdapterVersion:
+        """Records a trained adapter; `serve` makes it the project's one served adapter in one transaction."""
+        with self.session() as s:
+            if serve:
+                s.execute(
+                    update(AdapterVersion)
+                    .where(AdapterVersion.project_id == adapter.project_id, AdapterVersion.status == "served")
+                    .values(status="retired")
+                )
+                adapter.promoted_at = utcnow()
+            s.add(adapter)
+            s.flush()
+            return adapter
+
+    def served_adapter(self, project_id: str) -> AdapterVersion | None:
+        with self.session() as s:
+            return s.scalars(
+                select(AdapterVersion).where(
+                    AdapterVersion.project_id == project_id, AdapterVersion.status == "served"
+                )
+            ).first()
+
+    def adapters(self, project_id: str) -> list[AdapterVersion]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(AdapterVersion)
+                    .where(AdapterVersion.project_id == project_id)
+                    .order_by(AdapterVersion.version)
+                )
+            )
+
+    def serve_version(self, project_id: str, version: int) -> AdapterVersion:
+        """Rollback (or forward) to a stored adapter: one transaction flips which one is served."""
+        with self.session() as s:
+            target = s.scalars(
+                select(AdapterVersion).where(
+                    AdapterVersion.project_id == project_id, AdapterVersion.version == version
+                )
+            ).first()
+            if target is None:
+                raise KeyError(f"project {project_id} has no adapter version {version}")
+            s.execute(
+                update(AdapterVersion)
+                .where(AdapterVersion.project_id == project_id, AdapterVersion.status == "served")
+                .values(status="retired")
+            )
+            target.status = "served"
+            target.promoted_at = utcnow()
+            return target
+
+    def unserve(self, project_id: str) -> None:
+        with self.session() as s:
+            s.execute(
+                update(AdapterVersion)
+                .where(AdapterVersion.project_id == project_id, AdapterVersion.status == "served")
+                .values(status="retired")
+            )
+
+    # -- predictions ---------------------------------------------------------------------------------
+    def record_predictions(self, project_id: str, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        with self.session() as s:
+            if s.get(Project, project_id) is None:
+                s.add(Project(id=project_id))
+                s.flush()
+            for row in rows:
+                existing = s.scalars(
+                    select(Prediction).where(
+                        Prediction.project_id == project_id,
+                        Prediction.task_id == row["task_id"],
+                        Prediction.model_version == row["model_version"],
+                    )
+                ).first()
+                if existing is None:
+                    s.add(Prediction(project_id=project_id, **row))
+                else:
+                    existing.values, existing.score = row["values"], row["score"]
+
+    def predictions(self, project_id: str, model_version: str | None = None) -> list[Prediction]:
+        with self.session() as s:
+            q = select(Prediction).where(Prediction.project_id == project_id)
+            if model_version:
+                q = q.where(Prediction.model_version == model_version)
+            return list(s.scalars(q.order_by(Prediction.task_id)))

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.loader import load_base
+from model.prompt import PromptBuilder, TaskDataError, answer_space
+from model.results import to_ls_result, values_from_result
+from model.rubric import parse_label_config
+from model.scorer import Scorer, decode
+
+RUBRIC = parse_label_config(
+    """<View>
+      <Text name="question" value="$question"/>
+      <Text name="answer" value="$answer"/>
+      <Choices name="sentiment" toName="answer"><Choice value="Positive"/><Choice value="Negative"/></Choices>
+      <Rating name="relevance" toName="answer" maxRating="5"/>
+      <Choices name="topics" toName="answer" choice="multiple">
+        <Choice value="sports"/><Choice value="politics"/></Choices>
+      <Number name="stars" toName="answer" min="0" max="10"/>
+    </View>"""
+)
+TASK = {"id": 1, "data": {"question": "How was the game?", "answer": "Great match, we won 3-1!"}}
+
+
+def test_answer_tokens_are_single_distinct_tokens(tokenizer) -> None:
+    for dim in RUBRIC.dimensions:
+        space = answer_space(tokenizer, dim)
+        assert len(set(space.token_ids)) == len(dim.values)
+
+
+def test_read_positions_precede_slots_and_slots_hold_placeholder(tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, RUBRIC, 512)
+    enc = builder.encode(TASK["data"])
+    assert len(enc.read_positions) == len(RUBRIC.dimensions)
+    assert all(enc.input_ids[p + 1] == builder.slot_id for p in enc.read_positions)
+    text = tokenizer.decode(enc.input_ids)
+    assert "Great match" in text and "How was the game?" in text and "relevance" in text
+
+
+def test_long_texts_are_truncated_to_the_budget_but_keep_every_field(tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, RUBRIC, 300)
+    enc = builder.encode({"question": "short question", "answer": "word " * 5000})
+    assert len(enc.input_ids) <= 300
+    assert "short question" in tokenizer.decode(enc.input_ids)
+
+
+def test_missing_field_names_it(tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, RUBRIC, 512)
+    with pytest.raises(TaskDataError, match="'answer'"):
+        builder.encode({"question": "q"})
+
+
+def test_augmentation_changes_layout_not_answers(tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, RUBRIC, 512)
+    plain = builder.encode(TASK["data"])
+    shuffled = {tuple(builder.encode(TASK["data"], random.Random(s)).input_ids) for s in range(6)}
+    assert len(shuffled) > 1
+    assert tuple(plain.input_ids) == tuple(builder.encode(TASK["data"]).input_ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tiny_model_dir: Path):
+    return load_base(str(tiny_model_dir), tiny_model_dir.parent, "none", "cpu")
+
+
+def test_scores_are_valid_distributions_and_batch_independent(tiny_base, tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, RUBRIC, 512)
+    others = [{"question": f"q{i}" * (i + 1), "answer": "x " * (i * 7)} for i in range(5)]
+    encoded = [builder.encode(TASK["data"])] + [builder.encode(d) for d in others]
+    cands = [s.token_ids for s in builder.spaces]
+    alone = Scorer(tiny_base.model, tokenizer, tiny_base.device, 1).distributions(encoded[:1], cands)[0]
+    batched = Scorer(tiny_base.model, tokenizer, tiny_base.device, 6).distributions(encoded, cands)[0]
+    again = Scorer(tiny_base.model, tokenizer, tiny_base.device, 1).distributions(encoded[:1], cands)[0]
+    for a, b, c in zip(alone, batched, again, strict=True):
+        assert torch.isclose(a.sum(), torch.tensor(1.0), atol=1e-5)
+        assert torch.allclose(a, b, atol=1e-4)
+        assert torch.equal(a, c)  # bit-identical at a fixed batch size
+        assert torch.argmax(a) == torch.argmax(b)
+
+
+def test_restricted_logits_equal_full_vocabulary_logits(tiny_base, tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, RUBRIC, 512)
+    enc = builder.encode(TASK["data"])
+    cands = [s.token_ids for s in builder.spaces]
+    dists = Scorer(tiny_base.model, tokenizer, tiny_base.device, 1).distributions([enc], cands)[0]
+    with torch.no_grad():
+        full = tiny_base.model(torch.tensor([enc.input_ids])).logits[0]
+    for pos, cand, probs in zip(enc.read_positions, cands, dists, strict=True):
+        expected = torch.softmax(full[pos, list(cand)], -1)
+        assert torch.allclose(probs, expected, atol=1e-5)
+
+
+def test_ls_result_is_valid_for_the_config(tiny_base, tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, RUBRIC, 512)
+    enc = builder.encode(TASK["data"])
+    dists = Scorer(tiny_base.model, tokenizer, tiny_base.device, 1).distributions(
+        [enc], [s.token_ids for s in builder.spaces]
+    )[0]
+    scores = [decode(d.values, p) for d, p in zip(RUBRIC.dimensions, dists, strict=True)]
+    result, task_score = to_ls_result(RUBRIC, scores)
+    by_name = {r["from_name"]: r for r in result}
+    assert by_name["sentiment"]["value"]["choices"][0] in {"Positive", "Negative"}
+    assert 1 <= by_name["relevance"]["value"]["rating"] <= 5
+    assert 0 <= by_name["stars"]["value"]["number"] <= 10
+    assert set(by_name.get("topics", {"value": {"choices": []}})["value"]["choices"]) <= {"sports", "politics"}
+    assert task_score == pytest.approx(min(r["score"] for r in result), abs=0.5)
+    assert 0 < task_score <= 1
+    parsed = values_from_result(RUBRIC, result)
+    assert parsed["sentiment"] == scores[0].value and parsed["relevance"] == scores[1].value
+
+
+def test_decode_expected_value_for_ordinal() -> None:
+    probs = torch.tensor([0.4, 0.0, 0.0, 0.0, 0.6])
+    assert decode(("1", "2", "3", "4", "5"), probs).value == "5"
+    assert decode(("1", "2", "3", "4", "5"), probs, "expected").value == "3"

@@ -1,0 +1,112 @@
+"""When to train: a per-project watermark and threshold, and exactly one queued job per project."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue, Retry
+from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.job import Job, JobStatus
+
+from slm_annotator.settings import Settings
+from slm_annotator.store import Store
+
+log = logging.getLogger(__name__)
+QUEUE_NAME = "slm-annotator"
+ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+
+
+def job_id(project_id: str) -> str:
+    return f"train-{project_id}"
+
+
+def threshold_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
+    raw = (extra_params or {}).get("train_threshold")
+    try:
+        return max(1, int(raw)) if raw is not None else settings.train_threshold
+    except (TypeError, ValueError):
+        return settings.train_threshold
+
+
+def enqueue_training(conn: Redis, settings: Settings, project_id: str, trigger: str) -> str:
+    """Queues the project's training job once; a job already queued or running absorbs the trigger."""
+    queue = Queue(QUEUE_NAME, connection=conn)
+    jid = job_id(project_id)
+    retry = Retry(max=settings.train_retries, interval=[10, 60, 300]) if settings.train_retries else None
+    for _ in range(3):
+        try:
+            queue.enqueue(
+                "worker.jobs.train_project",
+                project_id,
+                trigger,
+                job_id=jid,
+                unique=True,
+                job_timeout=settings.train_job_timeout,
+                result_ttl=86400,
+                failure_ttl=7 * 86400,
+                retry=retry,
+                description=f"train adapter for project {project_id} ({trigger})",
+            )
+            return "queued"
+        except DuplicateJobError:
+            try:
+                job = Job.fetch(jid, connection=conn)
+            except NoSuchJobError:
+                continue
+            if job.get_status(refresh=True) in ACTIVE:
+                return "already queued"
+            job.delete()  # a finished or failed run: its id is free for the next one
+    return "already queued"
+
+
+@dataclass
+class Trigger:
+    """Decides and enqueues from the request path without ever making Label Studio wait on Redis."""
+
+    settings: Settings
+    store: Store
+    conn_factory: Any
+    _down_until: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: Redis | None = None
+
+    def _connection(self) -> Redis:
+        if self._conn is None:
+            self._conn = self.conn_factory()
+        return self._conn
+
+    def maybe_train(self, project_id: str, force: bool = False, trigger: str = "threshold") -> str:
+        project = self.store.project(project_id)
+        extra = project.extra_params if project else {}
+        if not force and self.store.pending_changes(project_id) < threshold_for(self.settings, extra):
+            if not (project and project.training_requested):
+                return "below threshold"
+        self.store.set_flags(project_id, training_requested=True)  # durable intent before touching Redis
+        return self.flush(project_id, trigger)
+
+    def flush(self, project_id: str, trigger: str = "threshold") -> str:
+        if time.monotonic() < self._down_until:
+            return "deferred: redis unavailable"
+        try:
+            with self._lock:
+                state = enqueue_training(self._connection(), self.settings, project_id, trigger)
+        except (RedisError, OSError) as exc:
+            self._down_until = time.monotonic() + 2.0
+            self._conn = None
+            log.warning("redis unavailable, training of project %s stays requested: %s", project_id, exc)
+            return "deferred: redis unavailable"
+        return state
+
+    def flush_all(self) -> None:
+        """Re-sends requests that could not reach Redis earlier (called periodically)."""
+        for project in self.store.requested():
+            if project.training_requested:
+                self.flush(project.id, "recovered")
