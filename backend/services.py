@@ -17,10 +17,7 @@ from worker.redis_conn import connect
 
 
 def base_version(settings: Settings) -> str:
-    """The model_version served before any adapter exists; computed without loading the model."""
-    base = settings.base_model.lower()
-    name = "smollm2-135m" if base.startswith("smollm2") else base.rstrip("/").split("/")[-1]
-    return f"{name}-{settings.quantization}-base"
+    return settings.base_version
 
 
 @lru_cache(maxsize=256)

@@ -42,6 +42,7 @@ class Encoded:
     """A task's token ids with, per dimension, the position whose logits choose the answer."""
 
     input_ids: list[int]
+    prefix_len: int  # tokens before the answer tail; augmentation may only touch these
     read_positions: list[int]  # index in input_ids whose next-token logits are read, per dimension
     option_orders: list[tuple[int, ...]]  # per dimension: permutation of values as listed (augmentation)
 
@@ -198,4 +199,4 @@ class PromptBuilder:
         # a cut text gains a marker and may re-tokenise a little longer: keep a small reserve per field
         texts = self._truncate([t for _, t in raw], self.max_tokens - overhead - 8 * len(raw))
         prefix = self._prefix_ids(self._user_message([(n, t) for (n, _), t in zip(raw, texts, strict=True)], order))
-        return Encoded(prefix + tail, [len(prefix) + r for r in reads], order)
+        return Encoded(prefix + tail, len(prefix), [len(prefix) + r for r in reads], order)

@@ -141,9 +141,13 @@ def _parent_map(root: Element) -> dict[int, Element]:
 
 def _number_values(node: Element) -> tuple[str, ...]:
     lo, hi = node.get("min"), node.get("max")
-    if lo is None or hi is None or not _is_number(lo) or not _is_number(hi):
-        raise RubricError(f'<Number name="{node.get("name")}"> needs numeric min and max to be predicted')
-    low, high = float(lo), float(hi)
+    if (lo is not None and not _is_number(lo)) or (hi is not None and not _is_number(hi)):
+        raise RubricError(f'<Number name="{node.get("name")}"> has a non-numeric min or max')
+    if lo is None and hi is None:
+        raise RubricError(f'<Number name="{node.get("name")}"> needs min or max to be predicted')
+    # One bound missing: predict within 10 units of the other (documented in the README's limits).
+    low = float(lo) if lo is not None else min(0.0, float(hi) - 10)  # type: ignore[arg-type]
+    high = float(hi) if hi is not None else low + 10
     step = float(node.get("step") or 1)
     if high < low or step <= 0:
         raise RubricError(f'<Number name="{node.get("name")}"> has an empty range min={lo} max={hi}')
@@ -193,8 +197,11 @@ def _dimensions_for(
     choices = _choice_values(node)
     if not choices:
         raise RubricError(f'<Choices name="{name}"> has no <Choice> values')
-    if len({v for v, _ in choices}) != len(choices):
-        raise RubricError(f'<Choices name="{name}"> repeats a value')
+    unique = list(dict.fromkeys(v for v, _ in choices))
+    if len(unique) != len(choices):  # LS accepts a repeated value; it is one answer either way
+        log.warning('<Choices name="%s"> repeats a value; duplicates merged', name)
+        seen: set[str] = set()
+        choices = [c for c in choices if not (c[0] in seen or seen.add(c[0]))]
     if (node.get("choice") or "single").lower() == "multiple":
         return [
             Dimension(f"{name}::{value}", name, to_name, "choices", "nominal", ("no", "yes"),
@@ -244,6 +251,8 @@ def parse_label_config(config: str, extra_params: Any = None) -> Rubric:
         tag = node.tag.lower()
         to_name = node.get("toName")
         if not to_name:
+            if tag in SUPPORTED_CONTROLS and node.get("name"):
+                warnings.append(f"<{node.tag} name=\"{node.get('name')}\"> has no toName and is not predicted")
             continue
         name = node.get("name") or ""
         if tag not in SUPPORTED_CONTROLS:
@@ -259,7 +268,10 @@ def parse_label_config(config: str, extra_params: Any = None) -> Rubric:
             warnings.append(f"<{node.tag} name=\"{name}\"> points at {to_name!r}, which is not a text object")
             continue
         seen_controls.add(name)
-        dims.extend(_dimensions_for(node, parents.get(id(node)), rubric_text))
+        try:
+            dims.extend(_dimensions_for(node, parents.get(id(node)), rubric_text))
+        except RubricError as exc:  # one odd control must not take the whole project down
+            warnings.append(str(exc))
     for message in warnings:
         log.warning("label config: %s", message)
     if not dims:
@@ -267,6 +279,7 @@ def parse_label_config(config: str, extra_params: Any = None) -> Rubric:
         raise RubricError(
             "label config has nothing to predict: slm-annotator predicts <Choices>, <Rating> and <Number> "
             f"attached to <Text>, <HyperText> or <Paragraphs>; found {', '.join(found)}"
+            + (f" ({'; '.join(warnings)})" if warnings else "")
         )
     used = {d.to_name for d in dims}
     shown = tuple(o for o in objects.values() if o.name in used) or tuple(objects.values())

@@ -81,6 +81,16 @@ class Settings:
     def embedded_redis(self) -> bool:
         return not self.redis_url
 
+    @property
+    def base_version(self) -> str:
+        """The model_version served before any adapter exists; computed without loading the model."""
+        base = self.base_model.lower().rstrip("/")
+        name = "smollm2-135m" if base.startswith("smollm2") else base.split("/")[-1]
+        return f"{name}-{self.quantization}-base"
+
+    def adapter_version(self, project_id: str, version: int) -> str:
+        return f"{self.base_version.removesuffix('-base')}-p{project_id}-v{version}"
+
 
 def load_settings() -> Settings:
     model_dir = Path(_env("MODEL_DIR", str(Path.cwd() / "model_dir"))).expanduser().resolve()

@@ -268,7 +268,7 @@ class Store:
             run.finished_at = utcnow()
             for key, value in fields.items():
                 setattr(run, key, value)
-            if status in {"promoted", "refused"}:
+            if status in {"promoted", "refused", "skipped"}:
                 project = s.get(Project, run.project_id)
                 if project is not None and run.seq_snapshot > project.trained_seq:
                     project.trained_seq = run.seq_snapshot

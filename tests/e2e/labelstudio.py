@@ -13,6 +13,7 @@ See /work/shared/DESIGN.md section 3 for what LS sends to an ML backend.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -162,22 +163,21 @@ class LabelStudio:
 
     def _start_on(self, port: int) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
         cmd = [
             str(ls_binary()), "start", "--no-browser",
             "--internal-host", "127.0.0.1", "--port", str(port),
             "--data-dir", str(self.data_dir),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd,
-            env=self.env(port),
-            cwd=str(self.data_dir),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # own process group so stop() can kill runserver children too
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                env=self.env(port),
+                cwd=str(self.data_dir),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # own process group so stop() can kill runserver children too
+            )
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + self.startup_timeout
@@ -223,17 +223,13 @@ class LabelStudio:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 self.proc.wait(timeout=5)
         self.proc = None
 

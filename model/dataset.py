@@ -1,0 +1,86 @@
+"""Training examples from stored labels: one example per task, soft targets from all its raters."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.results import values_from_result
+from model.rubric import Rubric
+
+
+@dataclass
+class Example:
+    task_key: str
+    data: dict[str, Any]
+    ratings: dict[str, dict[str, str]] = field(default_factory=dict)  # rater -> dimension key -> value
+    hard: bool = False
+
+    def targets(self, rubric: Rubric) -> list[list[float] | None]:
+        """Per dimension, the raters' distribution over its values (None when nobody rated it)."""
+        out: list[list[float] | None] = []
+        for dim in rubric.dimensions:
+            counts = [0.0] * len(dim.values)
+            for rating in self.ratings.values():
+                value = rating.get(dim.key)
+                if value in dim.values:
+                    counts[dim.values.index(value)] += 1
+            total = sum(counts)
+            out.append([c / total for c in counts] if total else None)
+        return out
+
+
+@dataclass(frozen=True)
+class StoredLabel:
+    task_id: int | None
+    annotator: str
+    result: list[Any]
+    task_data: dict[str, Any]
+    hard: bool = False
+
+
+def examples_from_labels(rubric: Rubric, labels: Iterable[StoredLabel]) -> list[Example]:
+    """Re-parses raw results against today's rubric, so a changed config never trains on stale values."""
+    by_task: dict[str, Example] = {}
+    for n, label in enumerate(labels):
+        key = str(label.task_id) if label.task_id is not None else f"annotation-{n}"
+        example = by_task.setdefault(key, Example(key, {}))
+        if label.task_data:
+            example.data = label.task_data
+        values = values_from_result(rubric, label.result)
+        if values:
+            rater = label.annotator or f"anonymous-{n}"
+            example.ratings.setdefault(rater, {}).update(values)
+        example.hard = example.hard or label.hard
+    missing = set(rubric.data_keys)
+    return [e for e in by_task.values() if e.ratings and e.data and missing <= _flat_keys(e.data)]
+
+
+def _flat_keys(data: dict[str, Any]) -> set[str]:
+    keys = set(data)
+    for key, value in data.items():
+        if isinstance(value, dict):
+            keys |= {f"{key}.{k}" for k in value}
+    return keys
+
+
+def _bucket(salt: str, key: str) -> float:
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_heldout(
+    examples: Sequence[Example], fraction: float, salt: str
+) -> tuple[list[Example], list[Example]]:
+    """Whole tasks, by a hash of the task id: a task stays on its side as the label set grows."""
+    if not examples or fraction <= 0:
+        return list(examples), []
+    held = [e for e in examples if _bucket(salt, e.task_key) < fraction]
+    want = max(1, round(fraction * len(examples))) if len(examples) >= 5 else 0
+    if len(held) < want:  # small sets: top up with the next tasks in hash order
+        ranked = sorted(examples, key=lambda e: _bucket(salt, e.task_key))
+        held = ranked[:want]
+    held_keys = {e.task_key for e in held}
+    return [e for e in examples if e.task_key not in held_keys], list(held)

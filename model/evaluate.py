@@ -1,0 +1,75 @@
+"""Model-human agreement on held-out tasks: the gate an adapter must pass to be served."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from model.agreement import consensus, model_vs_consensus, model_vs_humans
+from model.dataset import Example
+from model.prompt import PromptBuilder
+from model.rubric import Dimension, Rubric
+from model.scorer import Scorer, decode
+
+
+def scale_value(dim: Dimension, value: str | None) -> float | None:
+    """Numbers for alpha: scale position for ordinal/nominal, the number itself for interval."""
+    if value is None or value not in dim.values:
+        return None
+    if dim.level == "interval":
+        return float(value)
+    return float(dim.values.index(value))
+
+
+def predict_examples(
+    model: Any, tokenizer: Any, device: torch.device, rubric: Rubric, examples: Sequence[Example],
+    batch_size: int = 8, max_tokens: int = 1024, decoding: str = "argmax",
+) -> list[list[str]]:
+    builder = PromptBuilder(tokenizer, rubric, max_tokens)
+    encoded = [builder.encode(e.data) for e in examples]
+    dists = Scorer(model, tokenizer, device, batch_size).distributions(encoded, [s.token_ids for s in builder.spaces])
+    out = []
+    for per_dim in dists:
+        out.append([
+            decode(d.values, p, "expected" if decoding == "expected" and d.level != "nominal" else "argmax").value
+            for d, p in zip(rubric.dimensions, per_dim, strict=True)
+        ])
+    return out
+
+
+def agreement(rubric: Rubric, examples: Sequence[Example], predicted: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Per dimension alpha (model as one more rater) and alpha with the consensus; plus one summary score."""
+    raters = sorted({r for e in examples for r in e.ratings})
+    per_dim: dict[str, Any] = {}
+    scores: list[float] = []
+    for d, dim in enumerate(rubric.dimensions):
+        human = [[scale_value(dim, e.ratings.get(r, {}).get(dim.key)) for e in examples] for r in raters]
+        model_row = [scale_value(dim, p[d]) for p in predicted]
+        domain = None if dim.level == "interval" else [float(i) for i in range(len(dim.values))]
+        as_rater = model_vs_humans(human, model_row, dim.level, domain)
+        with_consensus = model_vs_consensus(human, model_row, dim.level, domain)
+        cons = consensus(human, dim.level, domain)
+        pairs = [(c, m) for c, m in zip(cons, model_row, strict=True) if c is not None and m is not None]
+        acc = sum(1.0 for c, m in pairs if c == m) / len(pairs) if pairs else None
+        per_dim[dim.key] = {
+            "level": dim.level,
+            "alpha_model_as_rater": as_rater.value,
+            "alpha_model_vs_consensus": with_consensus.value,
+            "reason": as_rater.reason or with_consensus.reason,
+            "accuracy_vs_consensus": acc,
+            "n_items": len(pairs),
+        }
+        if as_rater.value is not None:
+            scores.append(as_rater.value)
+    accs = [v["accuracy_vs_consensus"] for v in per_dim.values() if v["accuracy_vs_consensus"] is not None]
+    summary = sum(scores) / len(scores) if scores else None
+    return {
+        "dimensions": per_dim,
+        "mean_alpha": summary,
+        "mean_accuracy": sum(accs) / len(accs) if accs else None,
+        "score": summary if summary is not None else (sum(accs) / len(accs) if accs else 0.0),
+        "score_kind": "mean_alpha" if summary is not None else "mean_accuracy",
+        "n_items": len(examples),
+    }

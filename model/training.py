@@ -1,0 +1,187 @@
+"""QLoRA adapter training with the loss at the answer positions only, over the allowed values only.
+
+One sequence per task carries every dimension (soft targets from all its raters), and the output layer is
+applied to a handful of hidden states: this is what makes CPU training practical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.dataset import Example
+from model.prompt import Encoded, PromptBuilder
+from model.rubric import Rubric
+from model.scorer import answer_logits, pad_batch
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 4
+    lr: float = 5e-4
+    batch_size: int = 8
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    augment: bool = True
+    token_dropout: float = 0.03  # share of prompt tokens dropped...
+    token_dropout_share: float = 0.5  # ...in this share of examples (never answer tokens)
+    seed: int = 0
+    max_tokens: int = 1024
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.1
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    examples_seen: int = 0
+    labels_seen: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.labels_seen / self.seconds if self.seconds else 0.0
+
+
+def soft_cross_entropy(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Mean over (example, dimension) pairs that have labels of -sum(target * log p) over allowed values."""
+    total = torch.zeros((), dtype=torch.float32, device=logits[0].device)
+    count = 0
+    for lg, tgt in zip(logits, targets, strict=True):
+        if tgt is None:
+            continue
+        mask = tgt.sum(-1) > 0
+        if not bool(mask.any()):
+            continue
+        nll = -(tgt[mask] * torch.log_softmax(lg[mask], dim=-1)).sum(-1)
+        total = total + nll.sum()
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def token_dropout(enc: Encoded, rate: float, rng: random.Random, protected: set[int]) -> Encoded:
+    """Deletes prompt tokens (not special ones, never the answer tail) and shifts the read positions."""
+    keep = [
+        i
+        for i, tok in enumerate(enc.input_ids)
+        if i >= enc.prefix_len or tok in protected or rng.random() >= rate
+    ]
+    dropped = len(enc.input_ids) - len(keep)
+    ids = [enc.input_ids[i] for i in keep]
+    return Encoded(ids, enc.prefix_len - dropped, [p - dropped for p in enc.read_positions], enc.option_orders)
+
+
+def _targets_tensor(batch: Sequence[Example], rubric: Rubric, orders: Sequence[Encoded]) -> list[torch.Tensor | None]:
+    per_example = [ex.targets(rubric) for ex in batch]
+    out: list[torch.Tensor | None] = []
+    for d, dim in enumerate(rubric.dimensions):
+        rows = [t[d] if t[d] is not None else [0.0] * len(dim.values) for t in per_example]
+        tensor = torch.tensor(rows, dtype=torch.float32)
+        out.append(tensor if tensor.sum() > 0 else None)
+    return out
+
+
+def attach_lora(model: Any, cfg: TrainConfig, init_adapter: Path | None) -> Any:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if init_adapter is not None:
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in cfg.targets if t in names]
+    if not targets:
+        raise ValueError(f"none of the LoRA targets {cfg.targets} exist in this model")
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def train_adapter(
+    model: Any,
+    tokenizer: Any,
+    rubric: Rubric,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    device: torch.device,
+    init_adapter: Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[Any, TrainStats]:
+    """Returns the peft model (adapter 'default' trained) and statistics; the base weights stay frozen."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    peft_model = attach_lora(model, cfg, init_adapter)
+    peft_model.train()
+    builder = PromptBuilder(tokenizer, rubric, cfg.max_tokens)
+    candidates = [s.token_ids for s in builder.spaces]
+    protected = set(tokenizer.all_special_ids)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = max(1, steps_per_epoch * cfg.epochs)
+    warmup = max(1, int(total * cfg.warmup_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / total)
+    )
+    stats = TrainStats()
+    start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        order = list(examples)
+        rng.shuffle(order)
+        for b in range(0, len(order), cfg.batch_size):
+            batch = order[b : b + cfg.batch_size]
+            encoded = []
+            for ex in batch:
+                enc = builder.encode(ex.data, rng if cfg.augment else None)
+                if cfg.token_dropout > 0 and rng.random() < cfg.token_dropout_share:
+                    enc = token_dropout(enc, cfg.token_dropout, rng, protected)
+                encoded.append(enc)
+            ids, mask = pad_batch(encoded, tokenizer.pad_token_id, device)
+            reads = torch.tensor([e.read_positions for e in encoded], device=device)
+            logits = answer_logits(peft_model, ids, mask, reads, candidates)
+            targets = [t.to(device) if t is not None else None for t in _targets_tensor(batch, rubric, encoded)]
+            loss = soft_cross_entropy(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            stats.steps += 1
+            stats.examples_seen += len(batch)
+            stats.labels_seen += sum(len(ex.ratings) for ex in batch)
+            stats.losses.append(float(loss.detach()))
+            stats.seconds = time.perf_counter() - start
+            if progress:
+                eta = stats.seconds / stats.steps * (total - stats.steps)
+                progress({"epoch": epoch + 1, "step": stats.steps, "total_steps": total,
+                          "loss": round(stats.losses[-1], 4), "eta_seconds": round(eta, 1)})
+    peft_model.eval()
+    return peft_model, stats
+
+
+def save_adapter(peft_model: Any, target: Path, meta: dict[str, Any]) -> None:
+    peft_model.save_pretrained(str(target))
+    (target / "slm_adapter.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)

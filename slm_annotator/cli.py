@@ -1,0 +1,190 @@
+"""`slm-annotator`: serve the backend, run the worker, train, sync, list and roll back adapters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from slm_annotator.settings import Settings, load_settings
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _prepare(settings: Settings) -> str:
+    """Migrates the store and starts the embedded Redis before any worker process forks."""
+    from slm_annotator.store import Store
+    from worker.redis_conn import ensure_embedded
+
+    settings.model_dir.mkdir(parents=True, exist_ok=True)
+    Store(settings.database_url)
+    return settings.redis_url or ensure_embedded(settings.model_dir)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    settings = load_settings()
+    _logging(settings)
+    redis_url = _prepare(settings)
+    prom = settings.model_dir / "prometheus"
+    prom.mkdir(parents=True, exist_ok=True)
+    for stale in prom.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+    os.environ.setdefault("REDIS_URL", redis_url)
+    worker_proc = None
+    if args.with_worker:
+        worker_proc = subprocess.Popen([sys.executable, "-m", "slm_annotator.cli", "worker"], env=os.environ.copy())
+
+    class App(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{args.host}:{args.port}")
+            self.cfg.set("workers", settings.workers)
+            self.cfg.set("threads", settings.threads)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("timeout", 300)  # a 100 s LS predict timeout plus the first model load
+            self.cfg.set("graceful_timeout", 30)
+            self.cfg.set("loglevel", settings.log_level.lower())
+            self.cfg.set("accesslog", "-")
+
+        def load(self) -> Any:
+            from backend.app import create_app
+
+            return create_app(load_settings())
+
+    try:
+        App().run()
+    finally:
+        if worker_proc is not None:
+            worker_proc.send_signal(signal.SIGTERM)
+            worker_proc.wait(timeout=60)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from rq import Queue, Worker
+
+    from worker.policy import QUEUE_NAME
+    from worker.redis_conn import connect
+
+    settings = load_settings()
+    _logging(settings)
+    _prepare(settings)
+    conn = connect(settings.redis_url, settings.model_dir)
+    worker = Worker([Queue(QUEUE_NAME, connection=conn)], connection=conn, name=args.name)
+    worker.work(with_scheduler=True, burst=args.burst, logging_level=settings.log_level)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from worker.importer import import_file
+    from worker.jobs import train_project
+
+    settings = load_settings()
+    _logging(settings)
+    _prepare(settings)
+    from slm_annotator.store import Store
+
+    store = Store(settings.database_url)
+    if args.data:
+        config = Path(args.label_config).read_text() if args.label_config else None
+        counts = import_file(store, args.project, Path(args.data), config)
+        print(json.dumps({"imported": counts}))
+    result = train_project(args.project, trigger="cli")
+    print(json.dumps(result, indent=2))
+    return 0 if result["status"] in {"promoted", "refused"} else 1
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from slm_annotator.store import Store
+    from worker.sync import SyncError, sync_project
+
+    settings = load_settings()
+    _logging(settings)
+    _prepare(settings)
+    try:
+        print(json.dumps(sync_project(settings, Store(settings.database_url), args.project)))
+    except SyncError as exc:
+        print(f"sync failed: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from slm_annotator.store import Store
+
+    settings = load_settings()
+    store = Store(settings.database_url)
+    served = store.served_adapter(args.project)
+    print(f"served: {served.model_version if served else settings.base_version}")
+    for a in store.adapters(args.project):
+        score = (a.metrics.get("new") or {}).get("score")
+        print(f"v{a.version}\t{a.status}\t{a.model_version}\tscore={score}\t{a.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from slm_annotator.store import Store
+
+    settings = load_settings()
+    store = Store(settings.database_url)
+    if args.version == "base":
+        store.unserve(args.project)
+        print(f"project {args.project} now serves {settings.base_version}")
+        return 0
+    try:
+        adapter = store.serve_version(args.project, int(args.version.lstrip("v")))
+    except (KeyError, ValueError) as exc:
+        print(f"rollback failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"project {args.project} now serves {adapter.model_version}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slm-annotator", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=9090)
+    serve.add_argument("--no-worker", dest="with_worker", action="store_false",
+                       help="do not start a training worker next to the server")
+    serve.set_defaults(func=cmd_serve)
+    work = sub.add_parser("worker", help="run an RQ training worker (with scheduler) on REDIS_URL")
+    work.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    work.add_argument("--name", default=None)
+    work.set_defaults(func=cmd_worker)
+    train = sub.add_parser("train", help="train a project's adapter now (optionally importing labels first)")
+    train.add_argument("--project", required=True)
+    train.add_argument("--data", help="Label Studio JSON export, or CSV/JSONL with one column per dimension")
+    train.add_argument("--label-config", help="label config XML file (needed with --data for a new project)")
+    train.set_defaults(func=cmd_train)
+    sync = sub.add_parser("sync", help="pull all annotations of a project from the Label Studio API")
+    sync.add_argument("--project", required=True)
+    sync.set_defaults(func=cmd_sync)
+    versions = sub.add_parser("versions", help="list a project's adapters and which one is served")
+    versions.add_argument("--project", required=True)
+    versions.set_defaults(func=cmd_versions)
+    rollback = sub.add_parser("rollback", help="serve an earlier adapter version (or 'base')")
+    rollback.add_argument("--project", required=True)
+    rollback.add_argument("--version", required=True, help="e.g. 3, v3 or base")
+    rollback.set_defaults(func=cmd_rollback)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

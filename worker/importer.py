@@ -1,0 +1,89 @@
+"""Bootstrapping from labels a team already has: a Label Studio JSON export, or CSV/JSONL rows."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from backend.payloads import annotator_of, parse_time
+from model.results import values_from_result
+from model.rubric import Dimension, Rubric, RubricError, parse_label_config
+from slm_annotator.store import LabelIn, Store
+
+
+def _synthetic_id(*parts: str) -> int:
+    """Negative ids never collide with Label Studio's; the same row imported twice gets the same id."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return -(int.from_bytes(digest[:6], "big") + 1)
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    if path.suffix.lower() in {".jsonl", ".ndjson"}:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of tasks")
+    return data
+
+
+def _result_item(dim: Dimension, raw: Any) -> dict[str, Any] | None:
+    if raw is None or raw == "":
+        return None
+    kind = dim.control_type
+    if kind == "choices":
+        choices = raw if isinstance(raw, list) else [c.strip() for c in str(raw).replace(";", ",").split(",")]
+        value: dict[str, Any] = {"choices": [str(c) for c in choices if str(c)]}
+    else:
+        value = {kind: float(raw) if kind == "number" else int(float(raw))}
+    return {"from_name": dim.control, "to_name": dim.to_name, "type": kind, "value": value}
+
+
+def _flat_row(rubric: Rubric, row: dict[str, Any], n: int, project: str) -> tuple[LabelIn, str]:
+    data = {k: row[k] for k in rubric.data_keys if k in row}
+    missing = [k for k in rubric.data_keys if k not in row]
+    if missing:
+        raise ValueError(f"row {n + 1}: missing data column(s) {', '.join(missing)}")
+    controls: dict[str, Dimension] = {}
+    for dim in rubric.dimensions:
+        controls.setdefault(dim.control, dim)
+    result = [item for name, dim in controls.items() if (item := _result_item(dim, row.get(name)))]
+    task_key = str(row.get("task_id") or row.get("id") or hashlib.sha256(json.dumps(data, sort_keys=True).encode())
+                   .hexdigest()[:12])
+    annotator = str(row.get("annotator") or "import")
+    task_id = int(task_key) if task_key.lstrip("-").isdigit() else _synthetic_id(project, "task", task_key)
+    label = LabelIn(_synthetic_id(project, task_key, annotator), task_id, annotator, result,
+                    values_from_result(rubric, result), data, source="import")
+    return label, task_key
+
+
+def import_file(store: Store, project_id: str, path: Path, label_config: str | None) -> dict[str, int]:
+    """Everything is validated before anything is stored: a bad file stores nothing."""
+    project = store.project(project_id)
+    config = label_config or (project.label_config if project else "")
+    if not config:
+        raise RubricError(f"project {project_id} has no label config: pass --label-config")
+    rubric = parse_label_config(config, project.extra_params if project else None)
+    rows = _rows(path)
+    labels: list[LabelIn] = []
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"row {n + 1}: expected an object")
+        if isinstance(row.get("annotations"), list):  # a Label Studio export task
+            for ann in row["annotations"]:
+                result = ann.get("result") or []
+                labels.append(LabelIn(
+                    ann["id"] if isinstance(ann.get("id"), int) else _synthetic_id(project_id, str(n), str(ann)),
+                    row.get("id"), annotator_of(ann), result, values_from_result(rubric, result),
+                    row.get("data") or {}, bool(ann.get("was_cancelled")),
+                    parse_time(ann.get("updated_at")), source="import"))
+        else:
+            labels.append(_flat_row(rubric, row, n, project_id)[0])
+    store.upsert_project(project_id, label_config=config)
+    stored = sum(int(store.upsert_label(project_id, label)) for label in labels)
+    return {"rows": len(rows), "labels": len(labels), "stored": stored}

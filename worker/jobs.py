@@ -1,0 +1,64 @@
+"""RQ job entry points. Each one is safe to run twice: retries after a crash start over cleanly."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+from rq import get_current_job
+
+from model.rubric import RubricError
+from slm_annotator.settings import load_settings
+from slm_annotator.store import Store
+from worker.pipeline import run_training
+from worker.sync import SyncError, sync_project
+
+log = logging.getLogger(__name__)
+
+
+def _progress(update: dict[str, Any]) -> None:
+    job = get_current_job()
+    if update.get("step") and (update["step"] == 1 or update["step"] % 5 == 0 or update["step"] == update.get("total_steps")):
+        log.info("training progress %s", update)
+    if job is not None:
+        job.meta.update(update)
+        job.save_meta()
+
+
+def train_project(project_id: str, trigger: str = "threshold", continual: bool = False) -> dict[str, Any]:
+    settings = load_settings()
+    store = Store(settings.database_url)
+    job = get_current_job()
+    run = store.start_run(project_id, job.id if job else "inline", trigger)
+    store.set_flags(project_id, training_requested=False)  # this run takes the request; later labels re-trigger
+    try:
+        project = store.project(project_id)
+        if project is not None and project.sync_requested:
+            try:
+                synced = sync_project(settings, store, project_id)
+                log.info("synced project %s before training: %s", project_id, synced)
+            except SyncError as exc:
+                log.warning("sync before training skipped: %s", exc)
+            store.set_flags(project_id, sync_requested=False)
+        outcome = run_training(settings, store, project_id, run.id, _progress, continual=continual)
+    except RubricError as exc:
+        store.finish_run(run.id, "failed", error=str(exc))
+        return {"status": "failed", "detail": str(exc)}
+    except Exception:
+        store.finish_run(run.id, "failed", error=traceback.format_exc()[-4000:])
+        raise  # RQ records it and retries if retries are left
+    store.finish_run(
+        run.id, outcome.status, error="" if outcome.status != "skipped" else outcome.detail,
+        metrics=outcome.metrics or {}, adapter_version=None,
+        n_train=(outcome.metrics or {}).get("train", {}).get("tasks", 0),
+        n_heldout=(outcome.metrics or {}).get("heldout_tasks", 0),
+    )
+    log.info("project %s training %s: %s", project_id, outcome.status, outcome.detail)
+    return {"status": outcome.status, "detail": outcome.detail, "model_version": outcome.model_version}
+
+
+def sync_job(project_id: str) -> dict[str, Any]:
+    settings = load_settings()
+    store = Store(settings.database_url)
+    return sync_project(settings, store, project_id)

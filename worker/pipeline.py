@@ -1,0 +1,141 @@
+"""One training run of one project: labels -> split -> QLoRA -> alpha gate -> atomic promotion.
+
+Idempotent by construction: the adapter is written to a temp dir and renamed into place only after the
+gate; the served adapter changes in one database transaction. A run killed anywhere leaves what is served
+untouched, and the next attempt starts over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.dataset import Example, StoredLabel, examples_from_labels, split_heldout
+from model.evaluate import agreement, predict_examples
+from model.loader import load_base
+from model.rubric import RubricError, parse_label_config
+from model.training import TrainConfig, config_dict, save_adapter, train_adapter
+from slm_annotator.schema import AdapterVersion
+from slm_annotator.settings import Settings
+from slm_annotator.store import Store
+
+log = logging.getLogger(__name__)
+MIN_TASKS = 4
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    status: str  # promoted | refused | skipped | failed
+    detail: str
+    model_version: str | None = None
+    metrics: dict[str, Any] | None = None
+
+
+def train_config(settings: Settings, extra: dict[str, Any]) -> TrainConfig:
+    """Global defaults from the environment; a project may override through extra_params['training']."""
+    overrides = extra.get("training") if isinstance(extra.get("training"), dict) else {}
+    base = TrainConfig(
+        epochs=settings.train_epochs, lr=settings.train_lr, batch_size=settings.train_batch_size,
+        lora_r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        targets=settings.lora_targets, token_dropout=settings.token_dropout,
+        token_dropout_share=settings.token_dropout_share, seed=settings.seed, max_tokens=settings.max_prompt_tokens,
+    )
+    allowed = {k: v for k, v in overrides.items() if k in config_dict(base) and k != "targets"}
+    return TrainConfig(**{**config_dict(base), **allowed})
+
+
+def project_dir(settings: Settings, project_id: str) -> Path:
+    return settings.model_dir / "projects" / project_id / "adapters"
+
+
+def load_examples(store: Store, project_id: str) -> tuple[Any, list[Example]]:
+    project = store.project(project_id)
+    if project is None or not project.label_config:
+        raise RubricError(f"project {project_id} has no label config yet (connect it in Label Studio or sync)")
+    rubric = parse_label_config(project.label_config, project.extra_params)
+    rows = [
+        StoredLabel(a.task_id, a.annotator, a.result, a.task_data, a.hard) for a in store.labels(project_id)
+    ]
+    return rubric, examples_from_labels(rubric, rows)
+
+
+def run_training(
+    settings: Settings, store: Store, project_id: str, run_id: int, progress: Progress | None = None,
+    continual: bool = False,
+) -> RunOutcome:
+    started = time.perf_counter()
+    project = store.project(project_id)
+    extra = project.extra_params if project else {}
+    rubric, examples = load_examples(store, project_id)
+    train, heldout = split_heldout(examples, settings.heldout_fraction, salt=f"project-{project_id}")
+    if len(train) < MIN_TASKS or not heldout:
+        return RunOutcome("skipped", f"{len(examples)} labelled tasks: need at least {MIN_TASKS + 1} to train and test")
+    cfg = train_config(settings, extra)
+    served = store.served_adapter(project_id)
+    base = load_base(settings.base_model, settings.model_dir, settings.quantization, settings.device)
+    init = Path(served.path) if continual and served is not None else None
+    peft_model, stats = train_adapter(
+        base.model, base.tokenizer, rubric, train, cfg, base.device, init_adapter=init, progress=progress
+    )
+    if progress:
+        progress({"phase": "evaluating"})
+    batch = settings.predict_batch_size
+    new_eval = agreement(rubric, heldout, predict_examples(
+        peft_model, base.tokenizer, base.device, rubric, heldout, batch, cfg.max_tokens))
+    if served is not None:
+        peft_model.load_adapter(served.path, adapter_name="current")
+        peft_model.set_adapter("current")
+        current_preds = predict_examples(peft_model, base.tokenizer, base.device, rubric, heldout, batch, cfg.max_tokens)
+        peft_model.set_adapter("default")
+    else:
+        with peft_model.disable_adapter():
+            current_preds = predict_examples(
+                peft_model, base.tokenizer, base.device, rubric, heldout, batch, cfg.max_tokens)
+    current_eval = agreement(rubric, heldout, current_preds)
+    promote = new_eval["score"] >= current_eval["score"] - settings.promotion_tolerance
+    version = store.next_adapter_version(project_id)
+    model_version = settings.adapter_version(project_id, version)
+    metrics = {
+        "new": new_eval, "current": current_eval,
+        "current_version": served.model_version if served else settings.base_version,
+        "train": {"tasks": len(train), "labels": stats.labels_seen // max(cfg.epochs, 1), "steps": stats.steps,
+                  "seconds": round(stats.seconds, 1), "samples_per_second": round(stats.samples_per_second, 2),
+                  "final_loss": stats.losses[-1] if stats.losses else None},
+        "heldout_tasks": len(heldout), "config": config_dict(cfg), "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    target = _write_adapter(settings, project_id, version, peft_model, {
+        "project": project_id, "version": version, "model_version": model_version, "base_model": settings.base_model,
+        "quantization": settings.quantization, "rubric_dimensions": [d.key for d in rubric.dimensions],
+    })
+    store.add_adapter(AdapterVersion(
+        project_id=project_id, version=version, model_version=model_version, path=str(target),
+        status="served" if promote else "refused", base_model=settings.base_model, metrics=metrics,
+        training_run_id=run_id,
+    ), serve=promote)
+    detail = f"new {new_eval['score_kind']} {_fmt(new_eval['score'])} vs current {_fmt(current_eval['score'])}"
+    return RunOutcome("promoted" if promote else "refused", detail, model_version, metrics)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _write_adapter(settings: Settings, project_id: str, version: int, peft_model: Any, meta: dict[str, Any]) -> Path:
+    """Temp dir + rename: a reader sees no adapter dir or a complete one, never a half-written one."""
+    folder = project_dir(settings, project_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-v{version}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(peft_model, tmp, meta)
+    target = folder / f"v{version}"
+    if target.exists():  # an orphan of a run killed between rename and commit: it was never served
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
