@@ -345,12 +345,39 @@ def synthetic_dir(name: str, tokenizer_source: str, seed: int, device: torch.dev
 # one quantization (child process)
 
 
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
+def rounds(n: int, batch: int, wanted: int) -> int:
+    """How many interleaved rounds: at most `wanted`, and never a round smaller than one batch."""
+    return max(1, min(wanted, n // max(batch, 1)))
+
+
+class Clock:
+    """Wall and process-CPU seconds per method; methods run interleaved (ABC, CBA, ...) on task chunks so
+    that load from other processes on a shared machine hits all of them alike."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def interleave(self, methods: dict[str, Any], idx: list[int], n_rounds: int) -> None:
+        size = -(-len(idx) // n_rounds)
+        names = list(methods)
+        for r, start in enumerate(range(0, len(idx), size)):
+            chunk = idx[start : start + size]
+            for name in names if r % 2 == 0 else names[::-1]:
+                sync(self.device)
+                w, c = time.perf_counter(), time.process_time()
+                methods[name](chunk)
+                sync(self.device)
+                self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w
+                self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+
+    def summary(self, name: str, n: int, tokens: int | None = None) -> dict[str, float]:
+        sec = self.wall[name]
+        out = {"seconds": sec, "cpu_seconds": self.cpu[name], "tasks_per_s": n / sec, "ms_per_task": 1000 * sec / n}
+        if tokens is not None:
+            out["prompt_tokens_per_s"] = tokens / sec
+        return out
 
 
 def run_one(args: argparse.Namespace, quant: str, source: str) -> dict[str, Any]:
@@ -387,85 +414,87 @@ def run_one(args: argparse.Namespace, quant: str, source: str) -> dict[str, Any]
     rows = []
     for batch in args.batch_list:
         scorer = Scorer(model, tok, device, batch)
-        warm = tasks[: min(len(tasks), args.warmup_tasks or batch)]
+        nwarm = args.warmup_tasks or batch
         reset_cuda_peak(device)
         row: dict[str, Any] = {"quant": quant, "batch": batch, "n_tasks": len(tasks), "n_baseline": len(btasks),
                                "loadavg_start": os.getloadavg()}
-
-        # 1. product
-        product_predict(builder, scorer, warm, {})
+        clock = Clock(device)
         stages: dict[str, float] = {}
         results: list[Any] = []
+        idx = list(range(len(tasks)))
 
-        def _product() -> None:
-            nonlocal results
-            results = product_predict(builder, scorer, tasks, stages)[0]
+        def product(ix: list[int], tk: list[dict[str, Any]] = tasks, st: dict[str, float] = stages) -> None:
+            results.extend(product_predict(builder, scorer, [tk[i] for i in ix], st)[0])
 
-        sec = timed(_product, device)
+        def floor(ix: list[int]) -> None:
+            plain_forward(model, [prompts[i] for i in ix], batch, tok.pad_token_id, device)
+
+        def floor_tail(ix: list[int]) -> None:
+            plain_forward(model, [full[i] for i in ix], batch, tok.pad_token_id, device)
+
+        # warm up once, then 1., 2. (and the floor incl. tail) interleaved round by round
+        product(idx[:nwarm], st={})
+        floor(idx[:nwarm])
+        results.clear()
+        methods = {"product": product, "floor": floor}
+        if args.profile:
+            methods["floor_with_tail"] = floor_tail
+        clock.interleave(methods, idx, rounds(len(idx), batch, args.rounds))
         n = len(tasks)
-        row["product"] = {
-            "seconds": sec, "tasks_per_s": n / sec, "ms_per_task": 1000 * sec / n,
-            "prompt_tokens_per_s": sum(len(s) for s in full) / sec,
-            "stage_ms_per_task": {k: 1000 * v / n for k, v in stages.items()},
-        }
+        row["product"] = clock.summary("product", n, sum(len(s) for s in full))
+        row["product"]["stage_ms_per_task"] = {k: 1000 * v / n for k, v in stages.items()}
+        row["floor"] = clock.summary("floor", n, sum(len(s) for s in prompts))
+        if args.profile:
+            row["floor_with_tail"] = clock.summary("floor_with_tail", n, sum(len(s) for s in full))
+        row["product_over_floor"] = clock.wall["product"] / clock.wall["floor"]
+        row["product_over_floor_cpu"] = clock.cpu["product"] / clock.cpu["floor"]
         # 5. invalid outputs
         row["invalid_values"] = sum(invalid_values(rubric, r) for r, _score in results)
-        row["score_range_ok"] = all(0.0 <= s <= 1.0 for _r, s in results)
+        row["score_range_ok"] = len(results) == n and all(0.0 <= s <= 1.0 for _r, s in results)
 
-        # 2. floor: prompt only, last logits only
-        plain_forward(model, prompts[: len(warm)], batch, tok.pad_token_id, device)
-        sec_f = timed(lambda: plain_forward(model, prompts, batch, tok.pad_token_id, device), device)
-        row["floor"] = {
-            "seconds": sec_f, "ms_per_task": 1000 * sec_f / n,
-            "prompt_tokens_per_s": sum(len(s) for s in prompts) / sec_f,
-        }
-        row["product_over_floor"] = sec / sec_f
-        if args.profile:
-            sec_ff = timed(lambda: plain_forward(model, full, batch, tok.pad_token_id, device), device)
-            row["floor_with_tail"] = {"seconds": sec_ff, "ms_per_task": 1000 * sec_ff / n}
-
-        # product on the baseline subset, for like-for-like ratios
         if not args.skip_baselines:
-            bscorer = scorer
-            product_predict(builder, bscorer, btasks[:1], {})
-            sec_pb = timed(lambda: product_predict(builder, bscorer, btasks, {}), device)
+            bidx = list(range(len(btasks)))
+            texts: list[str] = [""] * len(btasks)
+            new_tokens = [0]
+
+            def product_b(ix: list[int]) -> None:
+                product_predict(builder, scorer, [btasks[i] for i in ix], {})
+
+            def base_a(ix: list[int]) -> None:  # 3. one prompt per dimension
+                baseline_a(sub_builders, scorer, [btasks[i] for i in ix])
+
+            def base_b(ix: list[int]) -> None:  # 4. generate, then parse
+                out, k = baseline_b(model, tok, [free_ids[i] for i in ix], batch, device, max_new)
+                for i, t in zip(ix, out, strict=True):
+                    texts[i] = t
+                new_tokens[0] += k
+                for t in out:
+                    parse_scores(rubric, t)
+
+            product_b(bidx[:1])
+            base_a(bidx[: min(nwarm, len(bidx))])
+            base_b(bidx[: min(nwarm, len(bidx))])
+            new_tokens[0] = 0
+            bclock = Clock(device)
+            bclock.interleave({"product": product_b, "base_a": base_a, "base_b": base_b}, bidx,
+                              rounds(len(bidx), batch, args.rounds))
             nb = len(btasks)
-            row["product_on_baseline_tasks"] = {"seconds": sec_pb, "ms_per_task": 1000 * sec_pb / nb}
-
-            # 3. baseline a: one prompt per dimension
-            baseline_a(sub_builders, scorer, btasks[: min(nb, args.warmup_tasks or batch)])
-            n_prompts = 0
-
-            def _a() -> None:
-                nonlocal n_prompts
-                n_prompts = baseline_a(sub_builders, scorer, btasks)
-
-            sec_a = timed(_a, device)
-            row["baseline_a"] = {
-                "seconds": sec_a, "tasks_per_s": nb / sec_a, "ms_per_task": 1000 * sec_a / nb,
-                "prompts": n_prompts, "over_product": sec_a / sec_pb,
-            }
-
-            # 4. baseline b: generate and parse
-            baseline_b(model, tok, free_ids[: min(nb, args.warmup_tasks or batch)], batch, device, max_new)
-            gen: tuple[list[str], int] = ([], 0)
-
-            def _b() -> None:
-                nonlocal gen
-                texts, new_tokens = baseline_b(model, tok, free_ids, batch, device, max_new)
-                parsed = [parse_scores(rubric, t) for t in texts]
-                gen = (texts, new_tokens, parsed)  # type: ignore[assignment]
-
-            sec_b = timed(_b, device)
-            texts, new_tokens, parsed = gen  # type: ignore[misc]
+            row["product_on_baseline_tasks"] = bclock.summary("product", nb)
+            row["baseline_a"] = bclock.summary("base_a", nb)
+            row["baseline_a"]["prompts"] = nb * len(sub_builders)
+            row["baseline_a"]["over_product"] = bclock.wall["base_a"] / bclock.wall["product"]
+            row["baseline_a"]["over_product_cpu"] = bclock.cpu["base_a"] / bclock.cpu["product"]
+            parsed = [parse_scores(rubric, t) for t in texts]
             fails = sum(1 for p in parsed if any(v is None for v in p.values()))
-            row["baseline_b"] = {
-                "seconds": sec_b, "tasks_per_s": nb / sec_b, "ms_per_task": 1000 * sec_b / nb,
+            row["baseline_b"] = bclock.summary("base_b", nb)
+            row["baseline_b"].update({
                 "parse_failures": fails, "parse_failure_rate": fails / nb,
-                "mean_new_tokens": new_tokens / nb, "max_new_tokens": max_new,
+                "mean_new_tokens": new_tokens[0] / nb, "max_new_tokens": max_new,
                 "mean_prompt_tokens": statistics.mean(len(s) for s in free_ids),
-                "over_product": sec_b / sec_pb, "sample_output": texts[0][:300],
-            }
+                "over_product": bclock.wall["base_b"] / bclock.wall["product"],
+                "over_product_cpu": bclock.cpu["base_b"] / bclock.cpu["product"],
+                "sample_output": texts[0][:300],
+            })
         row["loadavg_end"] = os.getloadavg()  # other processes on the machine skew CPU timings
         row["peak_rss_mb"] = rss_mb()
         row["cuda_peak_mb"] = cuda_peak_mb(device)
@@ -497,6 +526,10 @@ def fmt(x: Any, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def ratio(wall: float | None, cpu: float | None) -> str:
+    return "-" if wall is None else f"{wall:.2f} ({cpu:.2f})"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| quant | batch | product tasks/s | product ms/task | prompt tok/s | floor ms/task | product/floor "
@@ -512,14 +545,16 @@ def table(results: list[dict[str, Any]]) -> str:
                     res["quant"], str(r["batch"]),
                     fmt(r["product"]["tasks_per_s"], ".2f"), fmt(r["product"]["ms_per_task"], ".0f"),
                     fmt(r["product"]["prompt_tokens_per_s"], ".0f"), fmt(r["floor"]["ms_per_task"], ".0f"),
-                    fmt(r["product_over_floor"], ".2f"),
-                    fmt(a and a["ms_per_task"], ".0f"), fmt(a and a["over_product"], ".2f"),
-                    fmt(b and b["tasks_per_s"], ".2f"), fmt(b and b["over_product"], ".2f"),
+                    ratio(r["product_over_floor"], r["product_over_floor_cpu"]),
+                    fmt(a and a["ms_per_task"], ".0f"), ratio(a and a["over_product"], a and a["over_product_cpu"]),
+                    fmt(b and b["tasks_per_s"], ".2f"), ratio(b and b["over_product"], b and b["over_product_cpu"]),
                     "-" if not b else f"{b['parse_failures']}/{r['n_baseline']}",
                     str(r["invalid_values"]), fmt(r["peak_rss_mb"], ".0f"), fmt(r["cuda_peak_mb"], ".0f"),
                     fmt(res["load_seconds"], ".1f"),
                 ]) + " |"
             )
+    lines.append("")
+    lines.append("Ratios: wall-clock (process CPU time in brackets). ms/task and tasks/s are wall-clock.")
     return "\n".join(lines)
 
 
@@ -535,13 +570,14 @@ def notes(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         for r in res["rows"]:
             st = r["product"]["stage_ms_per_task"]
             extra = ""
+            la = f" (load avg {r['loadavg_start'][0]:.1f} -> {r['loadavg_end'][0]:.1f})"
             if "floor_with_tail" in r:
                 extra = f", floor incl. tail {r['floor_with_tail']['ms_per_task']:.1f}"
             if "product_on_baseline_tasks" in r:
                 extra += f", product on baseline tasks {r['product_on_baseline_tasks']['ms_per_task']:.1f}"
             out.append(
                 f"  - batch {r['batch']}: ms/task encode {st['encode']:.2f}, score {st['score']:.1f}, "
-                f"decode+result {st['decode']:.2f}{extra}"
+                f"decode+result {st['decode']:.2f}{extra}{la}"
             )
     m = meta
     out.append(
@@ -572,6 +608,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tasks in each warm-up call (default: cpu 2, cuda one full batch)")
     p.add_argument("--profile", action="store_true", help="also time the plain forward pass incl. the answer tail")
     p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds per measurement (shared machines)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default bench/results/predict-<host>.json")
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)

@@ -61,8 +61,10 @@ def agreement(rubric: Rubric, examples: Sequence[Example], predicted: Sequence[S
             "accuracy_vs_consensus": acc,
             "n_items": len(pairs),
         }
-        if as_rater.value is not None:
-            scores.append(as_rater.value)
+        # The gate uses model-vs-consensus: "model as one more rater" is inflated by the humans' own
+        # agreement (a constant answer scores well above 0 when the humans agree with each other).
+        if with_consensus.value is not None:
+            scores.append(with_consensus.value)
     accs = [v["accuracy_vs_consensus"] for v in per_dim.values() if v["accuracy_vs_consensus"] is not None]
     summary = sum(scores) / len(scores) if scores else None
     return {
@@ -70,6 +72,6 @@ def agreement(rubric: Rubric, examples: Sequence[Example], predicted: Sequence[S
         "mean_alpha": summary,
         "mean_accuracy": sum(accs) / len(accs) if accs else None,
         "score": summary if summary is not None else (sum(accs) / len(accs) if accs else 0.0),
-        "score_kind": "mean_alpha" if summary is not None else "mean_accuracy",
+        "score_kind": "mean_alpha_vs_consensus" if summary is not None else "mean_accuracy",
         "n_items": len(examples),
     }

@@ -71,7 +71,6 @@ class BackendProcess:
         self.startup_timeout = startup_timeout
         self.log_path = self.model_dir.parent / f"backend-{self.port}.log"
         self.proc: subprocess.Popen | None = None
-        self.session = requests.Session()
         self.startup_seconds: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -166,7 +165,6 @@ class BackendProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc = None
         self.stop_redis()
-        self.session.close()
         return code
 
     def __enter__(self) -> BackendProcess:
@@ -191,7 +189,9 @@ class BackendProcess:
 
     def request(self, method: str, path: str, expect: tuple[int, ...] = (200,), **kw: Any) -> Any:
         kw.setdefault("timeout", 60)
-        r = self.session.request(method, self.url + path, **kw)
+        # A fresh connection per call: gunicorn closes idle keep-alive connections after 2 s, and a reused
+        # one can be closed just as the next request goes out ("Remote end closed connection").
+        r = requests.request(method, self.url + path, headers={"Connection": "close"}, **kw)
         if r.status_code not in expect:
             raise BackendError(f"{method} {path} -> {r.status_code}: {r.text[:2000]}")
         return r.json() if r.content else None

@@ -1,0 +1,348 @@
+"""Our backend, for real, against a real Label Studio 1.23.2.
+
+`slm-annotator serve` runs as a subprocess (gunicorn + embedded redis-server + RQ worker) on a fresh
+MODEL_DIR; Label Studio talks to it exactly as it would in production: /health and /setup on connect,
+/predict from the "Retrieve predictions" action, ANNOTATION_CREATED and START_TRAINING webhooks.
+
+- test_serve_*: real SmolLM2-135M weights, NF4 (the defaults), a six-criteria rubric config.
+- test_training_loop_*: the tiny random llama (tests/conftest.py build_tiny_model), annotations created
+  through the LS API -> webhooks -> threshold -> RQ training job -> promotion gate -> new model_version
+  -> LS re-predicts; then LS's "Start training" -> sync from the LS API -> another run.
+
+Run: .venv/bin/python -m pytest tests/e2e/test_backend_e2e.py -x -s -m e2e
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from backend_proc import REPO, BackendProcess
+
+from model.rubric import Rubric, parse_label_config
+
+pytestmark = pytest.mark.e2e
+
+FIXTURES = REPO / "tests" / "fixtures" / "label_configs"
+TINY_MODEL = REPO / ".cache" / "tiny-llama-v1"
+FINISHED = {"promoted", "refused", "skipped", "failed", "abandoned"}
+
+
+# --------------------------------------------------------------------------- helpers
+def load_fixture(name: str) -> tuple[str, dict[str, Any]]:
+    return (FIXTURES / f"{name}.xml").read_text(), json.loads((FIXTURES / f"{name}.task.json").read_text())
+
+
+def tiny_model_dir() -> Path:
+    """The cached tiny model; built with tests/conftest.py's build_tiny_model when missing (loaded by
+    path: `import conftest` would be ambiguous next to tests/e2e/conftest.py)."""
+    if (TINY_MODEL / "config.json").exists():
+        return TINY_MODEL
+    spec = importlib.util.spec_from_file_location("_slm_tests_root_conftest", REPO / "tests" / "conftest.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_tiny_model(TINY_MODEL)
+
+
+def wait_until(what: str, probe: Callable[[], Any], timeout: float, every: float = 2.0,
+               describe: Callable[[], Any] | None = None) -> Any:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every)
+    detail = describe() if describe else last
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last state:\n{detail}")
+
+
+def assert_valid_prediction(rubric: Rubric, pred: dict[str, Any]) -> None:
+    """Every result item names a control of the config, with a value that control allows."""
+    assert isinstance(pred.get("score"), int | float) and 0.0 <= pred["score"] <= 1.0, pred
+    dims = {d.control: d for d in rubric.dimensions}
+    seen = Counter(item["from_name"] for item in pred["result"])
+    # this config has only single-choice Choices and a Rating: each control answered exactly once
+    assert seen == Counter(dims), (seen, list(dims))
+    for item in pred["result"]:
+        dim = dims[item["from_name"]]
+        assert item["to_name"] == dim.to_name, item
+        assert item["type"] == dim.control_type, item
+        if dim.control_type == "choices":
+            choices = item["value"]["choices"]
+            assert choices and set(choices) <= set(dim.values), (item, dim.values)
+            assert len(choices) == 1, item  # choice="single"
+        elif dim.control_type == "rating":
+            rating = item["value"]["rating"]
+            assert isinstance(rating, int) and 1 <= rating <= int(dim.values[-1]), (item, dim.values)
+        else:  # pragma: no cover - not in this config
+            raise AssertionError(f"unexpected control type {item}")
+        if "score" in item:
+            assert 0.0 <= item["score"] <= 1.0, item
+
+
+def by_task(preds: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {}
+    for p in preds:
+        out.setdefault(p["task"], []).append(p)
+    return out
+
+
+def versions_summary(v: dict[str, Any]) -> str:
+    runs = [(r["id"], r["trigger"], r["status"], r["n_train"], r["n_heldout"], r["error"][:300]) for r in v["runs"]]
+    adapters = [(a["version"], a["model_version"], a["status"],
+                 (a["metrics"].get("new") or {}).get("score"), (a["metrics"].get("current") or {}).get("score"))
+                for a in v["adapters"]]  # fmt: skip
+    return f"served={v['served']} labels={v['labels']} pending={v['pending']}\nruns={runs}\nadapters={adapters}"
+
+
+@pytest.fixture
+def backend_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., BackendProcess]]:
+    """Starts `slm-annotator serve` with extra env; stops the process group and the embedded redis at the
+    end, and dumps the backend log when the test failed."""
+    started: list[BackendProcess] = []
+    failed_before = request.session.testsfailed
+
+    def start(**env: str) -> BackendProcess:
+        backend = BackendProcess(tmp_path / f"model_dir{len(started)}", env, startup_timeout=240)
+        started.append(backend)
+        backend.start()
+        print(f"\n[e2e] backend up at {backend.url} after {backend.startup_seconds:.1f}s (log: {backend.log_path})")
+        return backend
+
+    yield start
+    failed = request.session.testsfailed > failed_before
+    for backend in started:
+        code = backend.stop()
+        print(f"[e2e] backend {backend.url} stopped (exit code {code})")
+        if failed:
+            print(f"\n========== backend log {backend.log_path} (last 400 lines) ==========")
+            print(backend.log_tail(400))
+            print("========== end of backend log ==========")
+        assert not _redis_alive(backend), "embedded redis-server still running after stop()"
+
+
+def _redis_alive(backend: BackendProcess) -> bool:
+    from backend_proc import _alive, _is_redis
+
+    pid = backend.redis_pid()
+    return pid is not None and _alive(pid) and _is_redis(pid)
+
+
+# --------------------------------------------------------------------------- issue "serve"
+PERSONA_RESPONSES = [
+    "no dogs, but i have a cat named whiskers! she hates hikes, she prefers watching me bake bread on weekends.",
+    "i am a nurse so i rarely have time for pets, but i love baking bread.",
+    "dogs are ok.",
+    "what is the capital of france?",
+    "whiskers my cat would chase your beagle all over the house, haha! do they get along with cats?",
+    "i dont know i dont know i dont know",
+    "that is lovely. after a long shift at the hospital i bake sourdough to relax.",
+    "purple elephants compute the tax returns of the moon.",
+    "i have a golden retriever too! we should go hiking together some weekend.",
+    "cool. bye.",
+]
+
+
+def test_serve_predictions_through_label_studio(label_studio, backend_factory) -> None:
+    t0 = time.monotonic()
+    ls = label_studio
+    config, example = load_fixture("usr_personachat")
+    rubric = parse_label_config(config)
+    backend = backend_factory()  # the defaults: BASE_MODEL=smollm2, QUANTIZATION=nf4
+    health = backend.get("/health")
+    assert health["status"] == "UP" and health["model_loaded"] is False, health  # /health never loads the model
+
+    pid = ls.create_project("e2e serve usr-personachat", config)
+    tasks = [{"data": {**example["data"], "response": text}} for text in PERSONA_RESPONSES]
+    assert ls.import_tasks(pid, tasks)["task_count"] == 10
+    task_ids = sorted(t["id"] for t in ls.list_tasks(pid))
+    assert len(task_ids) == 10
+
+    ml_id = ls.connect_ml_backend(pid, backend.url, title="slm-annotator serve e2e")
+    assert [h for h in ls.list_webhooks(pid) if h.get("url") == backend.url + "/webhook"]
+    version = backend.post("/setup", {"project": str(pid), "schema": config})["model_version"]
+    assert version == "smollm2-135m-nf4-base"
+    (ml,) = ls.list_ml_backends(pid)
+    assert ml["id"] == ml_id
+    if "model_version" in ml:
+        assert ml["model_version"] in ("", None, version), ml
+
+    # LS gives /predict 100 s (ML_TIMEOUT_PREDICT). On two busy cores the first /predict pays a ~60 s
+    # GGUF->safetensors conversion + NF4 load before scoring, and 10 tasks x 6 criteria then cost ~60 s:
+    # load the model first (no project: nothing is recorded), and let LS ask for 5 tasks at a time.
+    t_load = time.monotonic()
+    warm = backend.post("/predict", {"tasks": tasks[:1], "label_config": config}, timeout=600)
+    assert_valid_prediction(rubric, {**warm["results"][0]})
+    print(f"[e2e] cold first /predict (model load) took {time.monotonic() - t_load:.1f}s")
+    assert backend.get("/health")["model_loaded"] is True
+
+    for chunk in (task_ids[:5], task_ids[5:]):
+        t_pred = time.monotonic()
+        reply = ls.retrieve_predictions(pid, chunk)
+        print(f"[e2e] LS retrieve_predictions for {len(chunk)} tasks: {reply} in {time.monotonic() - t_pred:.1f}s")
+
+    preds = ls.list_predictions(project=pid)
+    grouped = by_task(preds)
+    assert sorted(grouped) == task_ids, f"tasks without a stored prediction: {set(task_ids) - set(grouped)}"
+    for task_id, stored in grouped.items():
+        assert len(stored) == 1, (task_id, stored)
+        (pred,) = stored
+        assert pred["model_version"] == version, pred
+        assert_valid_prediction(rubric, pred)
+    print(f"[e2e] example stored prediction: {json.dumps(preds[0]['result'])[:600]}")
+
+    # LS skips tasks that already hold a prediction of the version /setup returns: no duplicates
+    reply = ls.retrieve_predictions(pid)
+    print(f"[e2e] second retrieve_predictions: {reply}")
+    again = ls.list_predictions(project=pid)
+    assert len(again) == 10 and sorted(p["id"] for p in again) == sorted(p["id"] for p in preds), again
+    print(f"[e2e] serve test took {time.monotonic() - t0:.1f}s")
+
+
+# --------------------------------------------------------------------------- issue "loop"
+SENTIMENT = [
+    ("I loved every minute of this film, a true masterpiece.", "Positive"),
+    ("Terrible acting and a boring plot. Waste of money.", "Negative"),
+    ("The movie is 120 minutes long and was released in 2019.", "Neutral"),
+    ("Absolutely wonderful, the cast was brilliant.", "Positive"),
+    ("I hated it. The worst film I have seen this year.", "Negative"),
+    ("It is a film about a family that moves to a new city.", "Neutral"),
+    ("Fantastic soundtrack and beautiful cinematography!", "Positive"),
+    ("Dull, predictable and far too long.", "Negative"),
+    ("The director also made two documentaries.", "Neutral"),
+    ("A delightful surprise, I would watch it again.", "Positive"),
+    ("The dialogue was awful and the ending made no sense.", "Negative"),
+    ("Tickets cost ten dollars at the local cinema.", "Neutral"),
+    ("Great fun for the whole family, highly recommended.", "Positive"),
+    ("Painfully bad. I walked out after twenty minutes.", "Negative"),
+    ("The film was shot in Canada during the winter.", "Neutral"),
+    ("Superb performances, moving story, loved it.", "Positive"),
+    ("Boring and ugly, a complete disappointment.", "Negative"),
+    ("The runtime is listed as one hour and fifty minutes.", "Neutral"),
+    ("One of the best movies of the decade.", "Positive"),
+    ("Mediocre at best, the jokes all fell flat.", "Negative"),
+]
+IMPORTED_WITH_ANNOTATIONS = [
+    ("An uplifting, charming and clever film.", "Positive"),
+    ("Awful pacing and a lazy script.", "Negative"),
+    ("The sequel is planned for next year.", "Neutral"),
+    ("Brilliant from start to finish.", "Positive"),
+]
+N_ANNOTATED = 16
+
+
+def sentiment_result(label: str) -> list[dict[str, Any]]:
+    return [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
+
+
+def test_training_loop_through_label_studio(label_studio, backend_factory) -> None:
+    t0 = time.monotonic()
+    ls = label_studio
+    config, _ = load_fixture("text_classification")
+    tiny = tiny_model_dir()
+    backend = backend_factory(
+        BASE_MODEL=str(tiny), QUANTIZATION="none", TRAIN_THRESHOLD="12", TRAIN_EPOCHS="1", TRAIN_RETRIES="0",
+    )
+    base = f"{tiny.name}-none-base"
+
+    pid = ls.create_project("e2e training loop", config)
+    assert ls.import_tasks(pid, [{"data": {"text": t}} for t, _ in SENTIMENT])["task_count"] == len(SENTIMENT)
+    tasks = sorted(ls.list_tasks(pid), key=lambda t: t["id"])
+    label_of = dict(SENTIMENT)
+    ml_id = ls.connect_ml_backend(pid, backend.url, title="slm-annotator loop e2e")
+    assert [h for h in ls.list_webhooks(pid) if h.get("url") == backend.url + "/webhook"], ls.list_webhooks(pid)
+    assert backend.post("/setup", {"project": str(pid)})["model_version"] == base
+
+    def versions() -> dict[str, Any]:
+        return backend.get(f"/versions/{pid}")
+
+    assert versions()["labels"] == 0
+    t_ann = time.monotonic()
+    for task in tasks[:N_ANNOTATED]:
+        ls.create_annotation(task["id"], sentiment_result(label_of[task["data"]["text"]]))
+    print(f"[e2e] {N_ANNOTATED} annotations created through LS in {time.monotonic() - t_ann:.1f}s")
+
+    def trained() -> dict[str, Any] | None:
+        v = versions()
+        done = [r for r in v["runs"] if r["status"] in FINISHED]
+        return v if v["labels"] >= 15 and done and v["adapters"] else None
+
+    t_train = time.monotonic()
+    v = wait_until("labels >= 15, a finished training run and an adapter", trained, timeout=360,
+                   describe=lambda: versions_summary(versions()))  # fmt: skip
+    print(f"[e2e] first training done {time.monotonic() - t_train:.1f}s after the last annotation:\n"
+          f"{versions_summary(v)}")  # fmt: skip
+    assert v["labels"] == N_ANNOTATED, f"webhooks lost: {v['labels']} of {N_ANNOTATED} labels stored"
+    first = v["runs"][0]
+    assert first["trigger"] == "threshold" and first["status"] in {"promoted", "refused"}, versions_summary(v)
+    served = assert_served_consistent(backend, pid, v, base)
+
+    if served != base:  # promoted: LS must re-predict under the new version
+        reply = ls.retrieve_predictions(pid)
+        print(f"[e2e] retrieve_predictions after promotion: {reply}")
+        grouped = by_task([p for p in ls.list_predictions(project=pid) if p["model_version"] == served])
+        assert sorted(grouped) == [t["id"] for t in tasks], grouped.keys()
+        assert all(len(ps) == 1 for ps in grouped.values())
+        rubric = parse_label_config(config)
+        for (pred,) in grouped.values():
+            (item,) = pred["result"]
+            assert item["from_name"] == "sentiment" and item["value"]["choices"][0] in rubric.dimensions[0].values
+
+    # Annotations imported with tasks fire no webhook: only START_TRAINING's sync (through the hostname and
+    # access token LS passed to /setup) can bring them in.
+    imported = [{"data": {"text": t}, "annotations": [{"result": sentiment_result(lab)}]}
+                for t, lab in IMPORTED_WITH_ANNOTATIONS]  # fmt: skip
+    summary = ls.import_tasks(pid, imported)
+    assert summary["annotation_count"] == len(IMPORTED_WITH_ANNOTATIONS), summary
+    time.sleep(2)
+    assert versions()["labels"] == N_ANNOTATED
+    n_runs = len(versions()["runs"])
+    reply = ls.start_training(ml_id)
+    print(f"[e2e] LS start_training -> {reply}")
+
+    def retrained() -> dict[str, Any] | None:
+        v = versions()
+        new = v["runs"][n_runs:]
+        return v if new and all(r["status"] in FINISHED for r in new) else None
+
+    t_train = time.monotonic()
+    v = wait_until("the START_TRAINING run to finish", retrained, timeout=360,
+                   describe=lambda: versions_summary(versions()))  # fmt: skip
+    print(f"[e2e] START_TRAINING run done in {time.monotonic() - t_train:.1f}s:\n{versions_summary(v)}")
+    (run,) = v["runs"][n_runs:]
+    assert run["trigger"] == "start_training", versions_summary(v)
+    assert run["status"] in {"promoted", "refused"}, versions_summary(v)
+    assert v["labels"] == N_ANNOTATED + len(IMPORTED_WITH_ANNOTATIONS), "sync did not pull the imported labels"
+    assert len(v["adapters"]) == 2, versions_summary(v)
+    assert_served_consistent(backend, pid, v, base)
+    print(f"[e2e] loop test took {time.monotonic() - t0:.1f}s")
+
+
+def assert_served_consistent(backend: BackendProcess, pid: int, v: dict[str, Any], base: str) -> str:
+    """At most one adapter is served; /versions 'served' and /setup agree with it (or with the base)."""
+    served_adapters = [a for a in v["adapters"] if a["status"] == "served"]
+    assert len(served_adapters) <= 1, versions_summary(v)
+    latest = v["adapters"][-1]
+    expected = served_adapters[0]["model_version"] if served_adapters else base
+    if latest["status"] == "served":
+        assert expected == latest["model_version"] != base
+        assert latest["promoted_at"], latest
+    else:
+        assert latest["status"] == "refused", versions_summary(v)
+        new, current = latest["metrics"]["new"]["score"], latest["metrics"]["current"]["score"]
+        assert new is None or current is None or new < current, latest["metrics"]
+    assert v["served"] == expected, versions_summary(v)
+    assert backend.post("/setup", {"project": f"{pid}.1700000000"})["model_version"] == expected
+    return expected

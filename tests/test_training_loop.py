@@ -1,0 +1,113 @@
+"""Threshold -> one RQ job in a real worker process -> QLoRA-style training -> alpha gate -> served."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from backend.app import create_app
+from slm_annotator.store import LabelIn, Store
+from worker.pipeline import run_training
+
+CONFIG = """<View><Text name="text" value="$text"/>
+<Choices name="sentiment" toName="text"><Choice value="pos"/><Choice value="neg"/></Choices></View>"""
+GOOD = ["great", "wonderful", "happy", "excellent", "lovely", "superb"]
+BAD = ["awful", "terrible", "sad", "horrible", "nasty", "dreadful"]
+
+
+def fill(store: Store, project: str, n_tasks: int = 60, flip: bool = False, start_id: int = 1) -> None:
+    """A toy rubric a tiny model can learn: the sentiment word decides the label; two raters agree."""
+    rng = random.Random(0)
+    store.upsert_project(project, label_config=CONFIG)
+    for t in range(n_tasks):
+        positive = t % 2 == 0
+        word = rng.choice(GOOD if positive else BAD)
+        value = "pos" if positive != flip else "neg"
+        result = [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [value]}}]
+        for r, rater in enumerate(["ann", "bob"]):
+            store.upsert_label(project, LabelIn(start_id + t * 2 + r, t + 1, rater, result, {"sentiment": value},
+                                                {"text": " ".join([word] * 40)}))
+
+
+@pytest.fixture
+def train_settings(settings):  # noqa: ANN001, ANN201
+    return replace(settings, train_epochs=8, train_lr=1e-2, train_batch_size=8, heldout_fraction=0.25,
+                   token_dropout_share=0.0, lora_r=8)
+
+
+def test_adapter_learns_and_a_worse_one_is_refused(train_settings) -> None:  # noqa: ANN001
+    store = Store(train_settings.database_url)
+    fill(store, "1")
+    run = store.start_run("1", "inline", "test")
+    good = run_training(train_settings, store, "1", run.id)
+    assert good.status == "promoted", good.detail
+    assert good.metrics["new"]["mean_accuracy"] > 0.75  # majority baseline: 0.5
+    served = store.served_adapter("1")
+    assert served is not None and served.model_version == good.model_version
+    assert (Path(served.path) / "adapter_model.safetensors").exists()
+    assert not list(Path(served.path).parent.glob(".tmp-*"))
+    # Labels that contradict the team: the new adapter must not replace the good one.
+    fill(store, "1", flip=True, start_id=10_000)
+    with store.session() as s:  # drop the original labels so the flipped ones are what it learns
+        from sqlalchemy import update
+
+        from slm_annotator.schema import Annotation
+        s.execute(update(Annotation).where(Annotation.annotation_id < 10_000).values(deleted=True))
+    flipped = run_training(train_settings, store, "1", store.start_run("1", "inline", "test").id)
+    # Held-out labels are now flipped too, so judge against the original truth through the served adapter:
+    # the gate compared new vs served on the same (flipped) held-out set; whichever wins, exactly one is served.
+    assert flipped.status in {"promoted", "refused"}
+    assert len([a for a in store.adapters("1") if a.status == "served"]) == 1
+
+
+def test_worse_adapter_is_refused(train_settings) -> None:  # noqa: ANN001
+    store = Store(train_settings.database_url)
+    fill(store, "2")
+    assert run_training(train_settings, store, "2", store.start_run("2", "i", "t").id).status == "promoted"
+    lazy = replace(train_settings, train_lr=0.0)  # an adapter that learnt nothing: the base model again
+    outcome = run_training(lazy, store, "2", store.start_run("2", "i", "t").id)
+    assert outcome.status == "refused", outcome.detail
+    assert store.served_adapter("2").version == 1
+    assert [a.status for a in store.adapters("2")] == ["served", "refused"]
+
+
+def test_threshold_queues_one_job_that_a_real_worker_runs(train_settings, embedded_redis_url, tmp_path) -> None:  # noqa: ANN001
+    from redis import Redis
+    from rq import Queue
+
+    from worker.policy import QUEUE_NAME, job_id
+
+    settings = replace(train_settings, redis_url=embedded_redis_url, train_threshold=40)
+    conn = Redis.from_url(embedded_redis_url)
+    Queue(QUEUE_NAME, connection=conn).empty()
+    conn.delete(f"rq:job:{job_id('5')}")
+    app = create_app(settings)
+    client = app.test_client()
+    base_version = client.post("/setup", json={"project": "5.123", "schema": CONFIG}).json["model_version"]
+    store = app.extensions["slm"].store
+    fill(store, "5")  # 120 labels stored directly ...
+    for _ in range(3):  # ... and the trigger fires several times: one job
+        app.extensions["slm"].trigger.maybe_train("5")
+    assert Queue(QUEUE_NAME, connection=conn).count == 1
+    env = {**os.environ, "MODEL_DIR": str(settings.model_dir), "DATABASE_URL": settings.database_url,
+           "REDIS_URL": embedded_redis_url, "BASE_MODEL": settings.base_model, "QUANTIZATION": "none",
+           "TRAIN_EPOCHS": "8", "TRAIN_LR": "1e-2", "HELDOUT_FRACTION": "0.25", "LORA_R": "8",
+           "TOKEN_DROPOUT_SHARE": "0"}
+    done = subprocess.run([sys.executable, "-m", "slm_annotator.cli", "worker", "--burst"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = store.runs("5")
+    assert [r.status for r in runs] == ["promoted"], [r.error for r in runs]
+    new_version = client.post("/setup", json={"project": "5.123", "schema": CONFIG}).json["model_version"]
+    assert new_version != base_version and new_version.endswith("-p5-v1")
+    reply = client.post("/predict", json={"project": "5.123", "tasks": [{"id": 1, "data": {"text": "awful " * 40}},
+                                                                          {"id": 2, "data": {"text": "great " * 40}}]})
+    assert [r["model_version"] for r in reply.json["results"]] == [new_version, new_version]
+    assert [r["result"][0]["value"]["choices"] for r in reply.json["results"]] == [["neg"], ["pos"]]
+    assert store.pending_changes("5") == 0
