@@ -50,7 +50,7 @@ if str(ROOT) not in sys.path:
 
 from model.devdata import load_usr_personachat  # noqa: E402
 from model.loader import load_base  # noqa: E402
-from model.prompt import Encoded, PromptBuilder  # noqa: E402
+from model.prompt import PromptBuilder  # noqa: E402
 from model.results import to_ls_result  # noqa: E402
 from model.rubric import Rubric, parse_label_config  # noqa: E402
 from model.scorer import Scorer, decode  # noqa: E402
@@ -113,14 +113,14 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "device": str(device),
     }
     try:
         import bitsandbytes
 
         info["bitsandbytes"] = bitsandbytes.__version__
-    except Exception:  # noqa: BLE001 - optional
+    except Exception:
         info["bitsandbytes"] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -214,9 +214,7 @@ def invalid_values(rubric: Rubric, result: list[dict[str, Any]]) -> int:
         elif dim.control_type == "choices":
             chosen = value.get("choices")
             allowed = {d.option for d in dims} if dim.is_option else set(dim.values)
-            if not isinstance(chosen, list) or not chosen or any(c not in allowed for c in chosen):
-                bad += 1
-            elif not dim.is_option and len(chosen) != 1:
+            if not isinstance(chosen, list) or not chosen or any(c not in allowed for c in chosen) or (not dim.is_option and len(chosen) != 1):
                 bad += 1
         else:
             raw = value.get(dim.control_type)

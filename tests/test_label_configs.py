@@ -45,10 +45,10 @@ def test_expected_controls(name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def client(tiny_model_dir, tmp_path_factory, embedded_redis_url):  # noqa: ANN001, ANN201
-    from slm_annotator.settings import load_settings
-
+def client(tiny_model_dir, tmp_path_factory, embedded_redis_url):
     import os
+
+    from slm_annotator.settings import load_settings
     os.environ.update({"MODEL_DIR": str(tmp_path_factory.mktemp("md")), "BASE_MODEL": str(tiny_model_dir),
                        "QUANTIZATION": "none"})
     settings = replace(load_settings(), redis_url=embedded_redis_url)
@@ -56,7 +56,7 @@ def client(tiny_model_dir, tmp_path_factory, embedded_redis_url):  # noqa: ANN00
 
 
 @pytest.mark.parametrize("name", PREDICTABLE)
-def test_predictions_are_valid_for_every_real_config(client, name: str) -> None:  # noqa: ANN001
+def test_predictions_are_valid_for_every_real_config(client, name: str) -> None:
     config = (CONFIGS / f"{name}.xml").read_text()
     task = json.loads((CONFIGS / f"{name}.task.json").read_text())
     task["id"] = 1

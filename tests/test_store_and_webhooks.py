@@ -23,12 +23,12 @@ def _pg_available() -> bool:
 
         psycopg.connect(PG_URL.replace("postgresql+psycopg", "postgresql"), connect_timeout=2).close()
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):  # noqa: ANN001, ANN201
+def store(request, tmp_path):
     if request.param == "sqlite":
         yield Store(f"sqlite:///{tmp_path / 'labels.sqlite3'}")
         return
@@ -46,7 +46,7 @@ def store(request, tmp_path):  # noqa: ANN001, ANN201
         conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
 
 
-def label(ann_id: int, value: str, stamp: str, task: int = 1, **kw) -> LabelIn:  # noqa: ANN003
+def label(ann_id: int, value: str, stamp: str, task: int = 1, **kw) -> LabelIn:
     from backend.payloads import parse_time
 
     result = [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [value]}}]
@@ -89,7 +89,7 @@ def test_adapter_promotion_and_rollback_flip_one_served_version(store: Store) ->
 
 
 @pytest.fixture
-def client(settings, embedded_redis_url):  # noqa: ANN001, ANN201
+def client(settings, embedded_redis_url):
     app = create_app(replace(settings, redis_url=embedded_redis_url, train_threshold=3))
     return app.test_client(), app.extensions["slm"]
 
@@ -105,7 +105,7 @@ def event(action: str, ann_id: int, value: str, stamp: str, task: int = 5) -> di
     }
 
 
-def test_webhook_stores_labels_and_queues_training_once(client) -> None:  # noqa: ANN001
+def test_webhook_stores_labels_and_queues_training_once(client) -> None:
     from rq import Queue
 
     from worker.policy import QUEUE_NAME, job_id
@@ -143,14 +143,14 @@ def test_webhook_stores_labels_and_queues_training_once(client) -> None:  # noqa
         ({"action": "START_TRAINING"}, "project"),
     ],
 )
-def test_bad_webhooks_get_4xx_and_store_nothing(client, body: dict, message: str) -> None:  # noqa: ANN001
+def test_bad_webhooks_get_4xx_and_store_nothing(client, body: dict, message: str) -> None:
     http, svc = client
     reply = http.post("/webhook", json=body)
     assert reply.status_code == 400 and message in reply.json["error"]
     assert svc.store.labels("1", include_inactive=True) == []
 
 
-def test_redis_down_keeps_the_label_and_queues_later(settings, embedded_redis_url) -> None:  # noqa: ANN001
+def test_redis_down_keeps_the_label_and_queues_later(settings, embedded_redis_url) -> None:
     from rq import Queue
 
     from worker.policy import QUEUE_NAME, job_id

@@ -36,12 +36,12 @@ def fill(store: Store, project: str, n_tasks: int = 60, flip: bool = False, star
 
 
 @pytest.fixture
-def train_settings(settings):  # noqa: ANN001, ANN201
+def train_settings(settings):
     return replace(settings, train_epochs=8, train_lr=1e-2, train_batch_size=8, heldout_fraction=0.25,
                    token_dropout_share=0.0, lora_r=8)
 
 
-def test_adapter_learns_and_a_worse_one_is_refused(train_settings) -> None:  # noqa: ANN001
+def test_adapter_learns_and_a_worse_one_is_refused(train_settings) -> None:
     store = Store(train_settings.database_url)
     fill(store, "1")
     run = store.start_run("1", "inline", "test")
@@ -66,7 +66,7 @@ def test_adapter_learns_and_a_worse_one_is_refused(train_settings) -> None:  # n
     assert len([a for a in store.adapters("1") if a.status == "served"]) == 1
 
 
-def test_worse_adapter_is_refused(train_settings) -> None:  # noqa: ANN001
+def test_worse_adapter_is_refused(train_settings) -> None:
     store = Store(train_settings.database_url)
     fill(store, "2")
     assert run_training(train_settings, store, "2", store.start_run("2", "i", "t").id).status == "promoted"
@@ -77,7 +77,7 @@ def test_worse_adapter_is_refused(train_settings) -> None:  # noqa: ANN001
     assert [a.status for a in store.adapters("2")] == ["served", "refused"]
 
 
-def test_threshold_queues_one_job_that_a_real_worker_runs(train_settings, embedded_redis_url, tmp_path) -> None:  # noqa: ANN001
+def test_threshold_queues_one_job_that_a_real_worker_runs(train_settings, embedded_redis_url, tmp_path) -> None:
     from redis import Redis
     from rq import Queue
 

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 def _progress(update: dict[str, Any]) -> None:
     job = get_current_job()
-    if update.get("step") and (update["step"] == 1 or update["step"] % 5 == 0 or update["step"] == update.get("total_steps")):
+    step = update.get("step")
+    if step and (step == 1 or step % 5 == 0 or step == update.get("total_steps")):
         log.info("training progress %s", update)
     if job is not None:
         job.meta.update(update)

@@ -92,7 +92,8 @@ def run_training(
     if served is not None:
         peft_model.load_adapter(served.path, adapter_name="current")
         peft_model.set_adapter("current")
-        current_preds = predict_examples(peft_model, base.tokenizer, base.device, rubric, heldout, batch, cfg.max_tokens)
+        current_preds = predict_examples(
+            peft_model, base.tokenizer, base.device, rubric, heldout, batch, cfg.max_tokens)
         peft_model.set_adapter("default")
     else:
         with peft_model.disable_adapter():
@@ -108,7 +109,8 @@ def run_training(
         "train": {"tasks": len(train), "labels": stats.labels_seen // max(cfg.epochs, 1), "steps": stats.steps,
                   "seconds": round(stats.seconds, 1), "samples_per_second": round(stats.samples_per_second, 2),
                   "final_loss": stats.losses[-1] if stats.losses else None},
-        "heldout_tasks": len(heldout), "config": config_dict(cfg), "wall_seconds": round(time.perf_counter() - started, 1),
+        "heldout_tasks": len(heldout), "config": config_dict(cfg),
+        "wall_seconds": round(time.perf_counter() - started, 1),
     }
     target = _write_adapter(settings, project_id, version, peft_model, {
         "project": project_id, "version": version, "model_version": model_version, "base_model": settings.base_model,

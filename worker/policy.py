@@ -86,9 +86,9 @@ class Trigger:
     def maybe_train(self, project_id: str, force: bool = False, trigger: str = "threshold") -> str:
         project = self.store.project(project_id)
         extra = project.extra_params if project else {}
-        if not force and self.store.pending_changes(project_id) < threshold_for(self.settings, extra):
-            if not (project and project.training_requested):
-                return "below threshold"
+        below = self.store.pending_changes(project_id) < threshold_for(self.settings, extra)
+        if not force and below and not (project and project.training_requested):
+            return "below threshold"
         self.store.set_flags(project_id, training_requested=True)  # durable intent before touching Redis
         return self.flush(project_id, trigger)
 

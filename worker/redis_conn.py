@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import shutil
@@ -74,10 +75,8 @@ def ensure_embedded(model_dir: Path, timeout: float = 10.0) -> str:
 def stop_embedded(model_dir: Path) -> None:
     url = embedded_url(model_dir)
     if _ping(url):
-        try:
+        with contextlib.suppress(RedisError):  # shutdown closes the connection under us
             Redis.from_url(url).shutdown(nosave=False)
-        except RedisError:
-            pass  # shutdown closes the connection under us
 
 
 def _ping(url: str) -> bool:
