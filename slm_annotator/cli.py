@@ -55,18 +55,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
             self.cfg.set("graceful_timeout", 30)
             self.cfg.set("loglevel", settings.log_level.lower())
             self.cfg.set("accesslog", "-")
+            self.cfg.set("control_socket", str(settings.model_dir / "gunicorn.ctl"))  # not one per $HOME
 
         def load(self) -> Any:
+            import threading
+
             from backend.app import create_app
 
-            return create_app(load_settings())
+            app = create_app(load_settings())
+            # Load the model in the background at boot: /health and /setup stay instant, and Label Studio's
+            # first /predict (100 s timeout) does not pay for the load.
+            threading.Thread(target=app.extensions["slm"].model.ensure_loaded, daemon=True).start()
+            return app
 
     try:
         App().run()
     finally:
-        if worker_proc is not None:
-            worker_proc.send_signal(signal.SIGTERM)
-            worker_proc.wait(timeout=60)
+        if worker_proc is not None and worker_proc.poll() is None:
+            worker_proc.send_signal(signal.SIGTERM)  # warm shutdown: a running training job may finish
+            try:
+                worker_proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker_proc.kill()  # the job is retried by the next worker; nothing half-promoted is served
+                worker_proc.wait()
     return 0
 
 

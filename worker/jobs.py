@@ -31,17 +31,17 @@ def train_project(project_id: str, trigger: str = "threshold", continual: bool =
     settings = load_settings()
     store = Store(settings.database_url)
     job = get_current_job()
+    project = store.project(project_id)
+    if project is not None and project.sync_requested:  # before the run's watermark snapshot: synced labels count
+        try:
+            synced = sync_project(settings, store, project_id)
+            log.info("synced project %s before training: %s", project_id, synced)
+        except SyncError as exc:
+            log.warning("sync before training skipped: %s", exc)
+        store.set_flags(project_id, sync_requested=False)
     run = store.start_run(project_id, job.id if job else "inline", trigger)
     store.set_flags(project_id, training_requested=False)  # this run takes the request; later labels re-trigger
     try:
-        project = store.project(project_id)
-        if project is not None and project.sync_requested:
-            try:
-                synced = sync_project(settings, store, project_id)
-                log.info("synced project %s before training: %s", project_id, synced)
-            except SyncError as exc:
-                log.warning("sync before training skipped: %s", exc)
-            store.set_flags(project_id, sync_requested=False)
         outcome = run_training(settings, store, project_id, run.id, _progress, continual=continual)
     except RubricError as exc:
         store.finish_run(run.id, "failed", error=str(exc))

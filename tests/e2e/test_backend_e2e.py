@@ -74,7 +74,7 @@ def assert_valid_prediction(rubric: Rubric, pred: dict[str, Any]) -> None:
     dims = {d.control: d for d in rubric.dimensions}
     seen = Counter(item["from_name"] for item in pred["result"])
     # this config has only single-choice Choices and a Rating: each control answered exactly once
-    assert seen == Counter(dims), (seen, list(dims))
+    assert seen == Counter(list(dims)), (seen, list(dims))
     for item in pred["result"]:
         dim = dims[item["from_name"]]
         assert item["to_name"] == dim.to_name, item
@@ -203,12 +203,22 @@ def test_serve_predictions_through_label_studio(label_studio, backend_factory) -
         assert_valid_prediction(rubric, pred)
     print(f"[e2e] example stored prediction: {json.dumps(preds[0]['result'])[:600]}")
 
-    # LS skips tasks that already hold a prediction of the version /setup returns: no duplicates
+    # LS skips tasks that already hold a prediction of the version /setup returns: no duplicates, and
+    # (as observed) not even a /predict call
+    predicts_before = ls_predict_calls(backend)
+    assert predicts_before == 2, backend.log_tail(40)
     reply = ls.retrieve_predictions(pid)
     print(f"[e2e] second retrieve_predictions: {reply}")
+    time.sleep(1)
+    assert ls_predict_calls(backend) == predicts_before, backend.log_tail(40)
     again = ls.list_predictions(project=pid)
     assert len(again) == 10 and sorted(p["id"] for p in again) == sorted(p["id"] for p in preds), again
     print(f"[e2e] serve test took {time.monotonic() - t0:.1f}s")
+
+
+def ls_predict_calls(backend: BackendProcess) -> int:
+    """POST /predict calls that came from Label Studio (its user agent is heartex/...), per the access log."""
+    return sum(1 for line in backend.log_text().splitlines() if '"POST /predict ' in line and "heartex/" in line)
 
 
 # --------------------------------------------------------------------------- issue "loop"
@@ -325,6 +335,11 @@ def test_training_loop_through_label_studio(label_studio, backend_factory) -> No
     assert run["trigger"] == "start_training", versions_summary(v)
     assert run["status"] in {"promoted", "refused"}, versions_summary(v)
     assert v["labels"] == N_ANNOTATED + len(IMPORTED_WITH_ANNOTATIONS), "sync did not pull the imported labels"
+    assert run["n_train"] + run["n_heldout"] == v["labels"], versions_summary(v)  # the synced labels were used
+    # Known issue (worker/jobs.py): the run's seq snapshot is taken before the pre-training sync, so the
+    # labels that sync brought in and this run trained on still count as pending afterwards.
+    if v["pending"]:
+        print(f"[e2e] NOTE: {v['pending']} labels still pending after a run that trained on all of them")
     assert len(v["adapters"]) == 2, versions_summary(v)
     assert_served_consistent(backend, pid, v, base)
     print(f"[e2e] loop test took {time.monotonic() - t0:.1f}s")
