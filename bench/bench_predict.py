@@ -214,7 +214,8 @@ def invalid_values(rubric: Rubric, result: list[dict[str, Any]]) -> int:
         elif dim.control_type == "choices":
             chosen = value.get("choices")
             allowed = {d.option for d in dims} if dim.is_option else set(dim.values)
-            if not isinstance(chosen, list) or not chosen or any(c not in allowed for c in chosen) or (not dim.is_option and len(chosen) != 1):
+            wrong_count = not dim.is_option and isinstance(chosen, list) and len(chosen) != 1
+            if not isinstance(chosen, list) or not chosen or any(c not in allowed for c in chosen) or wrong_count:
                 bad += 1
         else:
             raw = value.get(dim.control_type)
@@ -235,7 +236,7 @@ def baseline_a(builders: list[PromptBuilder], scorer: Scorer, tasks: list[dict[s
     """One prompt per dimension, scored the product way; returns the number of prompts."""
     n = 0
     for builder in builders:
-        results, encoded = product_predict(builder, scorer, tasks, {})
+        _results, encoded = product_predict(builder, scorer, tasks, {})
         n += len(encoded)
     return n
 
