@@ -128,8 +128,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def pick(items: list[Any], n: int) -> list[Any]:
-    """n items spread evenly over the set (representative lengths), in a fixed order."""
-    n = min(n, len(items))
+    """n items spread evenly over the set (representative lengths), in a fixed order; repeated past its end."""
+    if n > len(items):
+        items = items * -(-n // len(items))
     step = len(items) / n
     return [items[int(i * step)] for i in range(n)]
 
@@ -597,6 +598,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", default="smollm2", help="smollm2, a local path or an HF id")
     p.add_argument("--synthetic-config", choices=sorted(SYNTHETIC), default=None,
                    help="random weights of this size with the SmolLM2 tokenizer (--base gives the tokenizer)")
+    p.add_argument("--tokenizer", default=None,
+                   help="synthetic: tokenizer dir (default: that of --base, e.g. the converted SmolLM2)")
     p.add_argument("--prompt-tokens", type=int, default=256, help="synthetic: prompt length budget")
     p.add_argument("--max-tokens", type=int, default=1024, help="PromptBuilder max_tokens (real model)")
     p.add_argument("--batches", default="1,32")
@@ -641,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = pick_device(args.device)
     model_dir = Path(os.environ.get("MODEL_DIR", ROOT / "model_dir"))
-    tok_source, _name = resolve_base(args.base, model_dir)
+    tok_source = args.tokenizer or (resolve_base(args.base, model_dir)[0] if args.synthetic_config else None)
     source = args.base
     if args.synthetic_config:
         root = model_dir / "bench"
