@@ -32,10 +32,12 @@ class TrainConfig:
     epochs: int = 4
     lr: float = 5e-4
     batch_size: int = 8
+    micro_batch_size: int = 2  # sequences per forward/backward; activations of a 500-token batch of 8 need ~17 GB
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_layers: int = 0  # adapt only the top N decoder layers (0 = all): no backward pass below them
     augment: bool = True
     token_dropout: float = 0.03  # share of prompt tokens dropped...
     token_dropout_share: float = 0.5  # ...in this share of examples (never answer tokens)
@@ -60,6 +62,14 @@ class TrainStats:
 
 def soft_cross_entropy(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """Mean over (example, dimension) pairs that have labels of -sum(target * log p) over allowed values."""
+    total, count = soft_cross_entropy_sum(logits, targets)
+    return total / max(count, 1)
+
+
+def soft_cross_entropy_sum(
+    logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor | None]
+) -> tuple[torch.Tensor, int]:
+    """(summed loss, number of labelled pairs): micro-batches add up to the whole batch's mean."""
     total = torch.zeros((), dtype=torch.float32, device=logits[0].device)
     count = 0
     for lg, tgt in zip(logits, targets, strict=True):
@@ -71,7 +81,7 @@ def soft_cross_entropy(logits: Sequence[torch.Tensor], targets: Sequence[torch.T
         nll = -(tgt[mask] * torch.log_softmax(lg[mask], dim=-1)).sum(-1)
         total = total + nll.sum()
         count += int(mask.sum())
-    return total / max(count, 1)
+    return total, count
 
 
 def token_dropout(enc: Encoded, rate: float, rng: random.Random, protected: set[int]) -> Encoded:
@@ -105,11 +115,14 @@ def attach_lora(model: Any, cfg: TrainConfig, init_adapter: Path | None) -> Any:
     targets = [t for t in cfg.targets if t in names]
     if not targets:
         raise ValueError(f"none of the LoRA targets {cfg.targets} exist in this model")
+    n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    top = range(n_layers - cfg.lora_layers, n_layers) if 0 < cfg.lora_layers < n_layers else None
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
+        layers_to_transform=list(top) if top else None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -149,26 +162,16 @@ def train_adapter(
         rng.shuffle(order)
         for b in range(0, len(order), cfg.batch_size):
             batch = order[b : b + cfg.batch_size]
-            encoded = []
-            for ex in batch:
-                enc = builder.encode(ex.data, rng if cfg.augment else None)
-                if cfg.token_dropout > 0 and rng.random() < cfg.token_dropout_share:
-                    enc = token_dropout(enc, cfg.token_dropout, rng, protected)
-                encoded.append(enc)
-            ids, mask = pad_batch(encoded, tokenizer.pad_token_id, device)
-            reads = torch.tensor([e.read_positions for e in encoded], device=device)
-            logits = answer_logits(peft_model, ids, mask, reads, candidates)
-            targets = [t.to(device) if t is not None else None for t in _targets_tensor(batch, rubric, encoded)]
-            loss = soft_cross_entropy(logits, targets)
+            encoded = [_encode(builder, ex, cfg, rng, protected) for ex in batch]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = _accumulate(peft_model, tokenizer, rubric, batch, encoded, candidates, cfg, device)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             stats.steps += 1
             stats.examples_seen += len(batch)
             stats.labels_seen += sum(len(ex.ratings) for ex in batch)
-            stats.losses.append(float(loss.detach()))
+            stats.losses.append(loss)
             stats.seconds = time.perf_counter() - start
             if progress:
                 eta = stats.seconds / stats.steps * (total - stats.steps)
@@ -176,6 +179,37 @@ def train_adapter(
                           "loss": round(stats.losses[-1], 4), "eta_seconds": round(eta, 1)})
     peft_model.eval()
     return peft_model, stats
+
+
+def _encode(builder: PromptBuilder, ex: Example, cfg: TrainConfig, rng: random.Random, protected: set[int]) -> Encoded:
+    enc = builder.encode(ex.data, rng if cfg.augment else None)
+    if cfg.token_dropout > 0 and rng.random() < cfg.token_dropout_share:
+        enc = token_dropout(enc, cfg.token_dropout, rng, protected)
+    return enc
+
+
+def _accumulate(
+    model: Any, tokenizer: Any, rubric: Rubric, batch: Sequence[Example], encoded: Sequence[Encoded],
+    candidates: Sequence[Sequence[int]], cfg: TrainConfig, device: torch.device,
+) -> float:
+    """Backward over micro-batches (length-sorted, so little padding); gradients equal the whole batch's mean."""
+    targets = _targets_tensor(batch, rubric, encoded)
+    n_labelled = sum(int((t.sum(-1) > 0).sum()) for t in targets if t is not None)
+    order = sorted(range(len(batch)), key=lambda i: len(encoded[i].input_ids))
+    step = max(1, cfg.micro_batch_size)
+    total = 0.0
+    for m in range(0, len(order), step):
+        rows = order[m : m + step]
+        ids, mask = pad_batch([encoded[i] for i in rows], tokenizer.pad_token_id, device)
+        reads = torch.tensor([encoded[i].read_positions for i in rows], device=device)
+        logits = answer_logits(model, ids, mask, reads, candidates)
+        index = torch.tensor(rows)
+        part = [t[index].to(device) if t is not None else None for t in targets]
+        loss_sum, count = soft_cross_entropy_sum(logits, part)
+        if count:
+            (loss_sum / max(n_labelled, 1)).backward()
+            total += float(loss_sum.detach())
+    return total / max(n_labelled, 1)
 
 
 def save_adapter(peft_model: Any, target: Path, meta: dict[str, Any]) -> None:

@@ -91,7 +91,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _logging(settings)
     _prepare(settings)
     conn = connect(settings.redis_url, settings.model_dir)
-    worker = Worker([Queue(QUEUE_NAME, connection=conn)], connection=conn, name=args.name)
+    # Maintenance every minute (RQ's default is 10): a job whose worker was killed is retried soon after its
+    # heartbeat lapses (~90 s), not up to 10 minutes later.
+    worker = Worker([Queue(QUEUE_NAME, connection=conn)], connection=conn, name=args.name, maintenance_interval=60)
     worker.work(with_scheduler=True, burst=args.burst, logging_level=settings.log_level)
     return 0
 

@@ -20,6 +20,16 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
 
 
+def _env_ints(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return tuple(int(x) for x in raw.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, got {raw!r}") from None
+
+
 def _env_float(name: str, default: float) -> float:
     raw = _env(name, str(default))
     try:
@@ -58,15 +68,18 @@ class Settings:
     train_threshold: int
     train_job_timeout: int
     train_retries: int
+    train_retry_delays: tuple[int, ...]
     heldout_fraction: float
     promotion_tolerance: float
     train_epochs: int
     train_lr: float
     train_batch_size: int
+    train_micro_batch: int
     lora_r: int
     lora_alpha: int
     lora_dropout: float
     lora_targets: tuple[str, ...]
+    lora_layers: int
     token_dropout: float
     token_dropout_share: float
     seed: int
@@ -125,15 +138,18 @@ def load_settings() -> Settings:
         train_threshold=_env_int("TRAIN_THRESHOLD", 50),
         train_job_timeout=_env_int("TRAIN_JOB_TIMEOUT", 6 * 3600),
         train_retries=_env_int("TRAIN_RETRIES", 2),
+        train_retry_delays=_env_ints("TRAIN_RETRY_DELAYS", (10, 60, 300)),
         heldout_fraction=_env_float("HELDOUT_FRACTION", 0.2),
         promotion_tolerance=_env_float("PROMOTION_TOLERANCE", 0.0),
         train_epochs=_env_int("TRAIN_EPOCHS", 4),
         train_lr=_env_float("TRAIN_LR", 5e-4),
         train_batch_size=_env_int("TRAIN_BATCH_SIZE", 8),
+        train_micro_batch=_env_int("TRAIN_MICRO_BATCH", 2),
         lora_r=_env_int("LORA_R", 16),
         lora_alpha=_env_int("LORA_ALPHA", 32),
         lora_dropout=_env_float("LORA_DROPOUT", 0.05),
         lora_targets=targets,
+        lora_layers=_env_int("LORA_LAYERS", 0),
         token_dropout=_env_float("TOKEN_DROPOUT", 0.03),
         token_dropout_share=_env_float("TOKEN_DROPOUT_SHARE", 0.5),
         seed=_env_int("SEED", 0),

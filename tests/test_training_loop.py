@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,27 +10,9 @@ from pathlib import Path
 import pytest
 
 from backend.app import create_app
-from slm_annotator.store import LabelIn, Store
+from slm_annotator.store import Store
+from tests.toy import CONFIG, fill, worker_env
 from worker.pipeline import run_training
-
-CONFIG = """<View><Text name="text" value="$text"/>
-<Choices name="sentiment" toName="text"><Choice value="pos"/><Choice value="neg"/></Choices></View>"""
-GOOD = ["great", "wonderful", "happy", "excellent", "lovely", "superb"]
-BAD = ["awful", "terrible", "sad", "horrible", "nasty", "dreadful"]
-
-
-def fill(store: Store, project: str, n_tasks: int = 60, flip: bool = False, start_id: int = 1) -> None:
-    """A toy rubric a tiny model can learn: the sentiment word decides the label; two raters agree."""
-    rng = random.Random(0)
-    store.upsert_project(project, label_config=CONFIG)
-    for t in range(n_tasks):
-        positive = t % 2 == 0
-        word = rng.choice(GOOD if positive else BAD)
-        value = "pos" if positive != flip else "neg"
-        result = [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [value]}}]
-        for r, rater in enumerate(["ann", "bob"]):
-            store.upsert_label(project, LabelIn(start_id + t * 2 + r, t + 1, rater, result, {"sentiment": value},
-                                                {"text": " ".join([word] * 40)}))
 
 
 @pytest.fixture
@@ -95,10 +75,7 @@ def test_threshold_queues_one_job_that_a_real_worker_runs(train_settings, embedd
     for _ in range(3):  # ... and the trigger fires several times: one job
         app.extensions["slm"].trigger.maybe_train("5")
     assert Queue(QUEUE_NAME, connection=conn).job_ids.count(job_id("5")) == 1  # other tests' flushers share Redis
-    env = {**os.environ, "MODEL_DIR": str(settings.model_dir), "DATABASE_URL": settings.database_url,
-           "REDIS_URL": embedded_redis_url, "BASE_MODEL": settings.base_model, "QUANTIZATION": "none",
-           "TRAIN_EPOCHS": "8", "TRAIN_LR": "1e-2", "HELDOUT_FRACTION": "0.25", "LORA_R": "8",
-           "TOKEN_DROPOUT_SHARE": "0"}
+    env = worker_env(settings, TRAIN_EPOCHS="8")
     done = subprocess.run([sys.executable, "-m", "slm_annotator.cli", "worker", "--burst"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -38,7 +38,8 @@ def enqueue_training(conn: Redis, settings: Settings, project_id: str, trigger: 
     """Queues the project's training job once; a job already queued or running absorbs the trigger."""
     queue = Queue(QUEUE_NAME, connection=conn)
     jid = job_id(project_id)
-    retry = Retry(max=settings.train_retries, interval=[10, 60, 300]) if settings.train_retries else None
+    delays = list(settings.train_retry_delays) or 0
+    retry = Retry(max=settings.train_retries, interval=delays) if settings.train_retries else None
     for _ in range(3):
         try:
             queue.enqueue(

@@ -1,0 +1,136 @@
+"""Faults with real parts: a worker SIGKILLed mid-training, and a Redis server stopped while labels arrive."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+
+from backend.app import create_app
+from slm_annotator.store import Store
+from tests.toy import CONFIG, fill, toy_label, worker_env
+from worker.pipeline import run_training
+from worker.policy import QUEUE_NAME, enqueue_training, job_id
+from worker.redis_conn import ensure_embedded, stop_embedded
+
+WORKER = [sys.executable, "-m", "slm_annotator.cli", "worker"]
+
+
+def _wait(predicate, timeout: float, what: str, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of this test's own (the embedded binary, append-only), so stopping it hurts no one."""
+    folder = tmp_path / "redis-home"
+    url = ensure_embedded(folder)
+    yield folder, url
+    stop_embedded(folder)
+
+
+def test_worker_killed_mid_training_keeps_the_served_adapter_and_the_job_recovers(settings, private_redis) -> None:
+    _, url = private_redis
+    settings = replace(settings, redis_url=url, train_epochs=8, train_lr=1e-2, heldout_fraction=0.25,
+                       token_dropout_share=0.0, lora_r=8, train_retries=1, train_retry_delays=(0,))
+    store = Store(settings.database_url)
+    fill(store, "9")
+    run = store.start_run("9", "inline", "test")
+    first = run_training(settings, store, "9", run.id)
+    assert first.status == "promoted", first.detail
+    store.finish_run(run.id, first.status)
+    served = store.served_adapter("9")
+    before = _digest(Path(served.path))
+    conn = Redis.from_url(url)
+    enqueue_training(conn, settings, "9", "test")
+    # A long run (400 epochs) so the kill lands mid-training, whatever the machine's speed.
+    proc = subprocess.Popen(WORKER, env=worker_env(settings, TRAIN_EPOCHS="400"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        job = Job.fetch(job_id("9"), connection=conn)
+        _wait(lambda: job.get_meta(refresh=True).get("step", 0) >= 3, 180, "training steps in the job's meta")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker and its work horse, as the OOM killer would
+        proc.wait(timeout=30)
+    assert job.get_status(refresh=True) == JobStatus.STARTED  # abandoned: nobody will finish it
+    assert store.served_adapter("9").version == served.version and _digest(Path(served.path)) == before
+    assert [a.version for a in store.adapters("9")] == [1]
+    # RQ's maintenance finds the job once its heartbeat lapses (~90 s): run that cleanup as if the time had
+    # passed, then a fresh worker retries the job from the start.
+    queue = Queue(QUEUE_NAME, connection=conn)
+    StartedJobRegistry(queue=queue).cleanup(timestamp=time.time() + 300)
+    job.refresh()
+    assert job.get_status() == JobStatus.QUEUED and job.retries_left == 0
+    done = subprocess.run([*WORKER, "--burst"], env=worker_env(settings), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    runs = store.runs("9")
+    assert [r.status for r in runs][:2] == ["promoted", "abandoned"]
+    assert runs[2].status in {"promoted", "refused"}
+    assert len([a for a in store.adapters("9") if a.status == "served"]) == 1
+    assert not list(Path(served.path).parent.glob(".tmp-*"))  # nothing half-written was left behind
+
+
+def test_redis_stopped_while_webhooks_arrive_loses_nothing_and_trains_after(settings, private_redis) -> None:
+    folder, url = private_redis
+    settings = replace(settings, redis_url=url, train_threshold=40, train_epochs=2, train_lr=1e-2,
+                       heldout_fraction=0.25, token_dropout_share=0.0, lora_r=8)
+    client = create_app(settings).test_client()
+    client.post("/setup", json={"project": "11.5", "schema": CONFIG})
+    store = Store(settings.database_url)
+    events = []
+    for t in range(30):
+        for r, rater in enumerate(["ann", "bob"]):
+            label = toy_label(t, 100 + t * 2 + r, rater)
+            events.append({"action": "ANNOTATION_CREATED", "project": {"id": 11},
+                           "task": {"id": label.task_id, "data": label.task_data},
+                           "annotation": {"id": label.annotation_id, "task": label.task_id, "result": label.result,
+                                          "completed_by": {"email": f"{rater}@x"},
+                                          "updated_at": f"2026-11-22T10:{t:02d}:0{r}Z"}})
+    for event in events[:10]:
+        assert client.post("/webhook", json=event).status_code == 200
+    stop_embedded(folder)
+    _wait(lambda: not (folder / "redis.sock").exists() or not _alive(url), 10, "redis to stop")
+    for event in events[10:]:  # threshold crossed while Redis is down
+        started = time.perf_counter()
+        reply = client.post("/webhook", json=event)
+        assert reply.status_code == 200 and reply.json["status"] == "stored", reply.json
+        assert time.perf_counter() - started < 1.0  # Label Studio waits 1 s and never retries
+    assert len(store.labels("11")) == 60
+    assert store.project("11").training_requested
+    ensure_embedded(folder)  # Redis is back; the backend's own flusher thread re-sends the request
+    conn = Redis.from_url(url)
+    _wait(lambda: job_id("11") in Queue(QUEUE_NAME, connection=conn).job_ids, 30, "the training job to be queued")
+    assert Queue(QUEUE_NAME, connection=conn).job_ids.count(job_id("11")) == 1
+    done = subprocess.run([*WORKER, "--burst"], env=worker_env(settings), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r.status for r in store.runs("11")] in (["promoted"], ["refused"])
+    assert not store.project("11").training_requested and store.pending_changes("11") == 0
+
+
+def _alive(url: str) -> bool:
+    try:
+        return bool(Redis.from_url(url, socket_connect_timeout=0.2).ping())
+    except Exception:
+        return False
