@@ -32,7 +32,7 @@ class TrainConfig:
     epochs: int = 4
     lr: float = 5e-4
     batch_size: int = 8
-    micro_batch_size: int = 2  # sequences per forward/backward; activations of a 500-token batch of 8 need ~17 GB
+    micro_batch_size: int = 0  # sequences per forward/backward; 0: 2 on CPU (8 x 500 tokens need ~17 GB), all on GPU
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -44,6 +44,8 @@ class TrainConfig:
     seed: int = 0
     max_tokens: int = 1024
     weight_decay: float = 0.0
+    class_balance: float = 0.0  # weight each value by prior^-x (0: plain; 1: inverse frequency) against collapse
+    ordinal_loss: float = 0.0  # weight of the squared error of the expected scale position (ordered scales)
     warmup_fraction: float = 0.1
 
 
@@ -67,21 +69,50 @@ def soft_cross_entropy(logits: Sequence[torch.Tensor], targets: Sequence[torch.T
 
 
 def soft_cross_entropy_sum(
-    logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor | None]
+    logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor | None],
+    weights: Sequence[torch.Tensor | None] | None = None, ordinal: Sequence[bool] | None = None,
+    ordinal_weight: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
-    """(summed loss, number of labelled pairs): micro-batches add up to the whole batch's mean."""
+    """(summed loss, number of labelled pairs): micro-batches add up to the whole batch's mean.
+
+    Per (example, dimension): -sum(w * target * log p) over the allowed values, plus, on ordered scales,
+    ordinal_weight * (E_p[position] - E_target[position])^2 on a 0..1 scale, so near misses cost less.
+    """
     total = torch.zeros((), dtype=torch.float32, device=logits[0].device)
     count = 0
-    for lg, tgt in zip(logits, targets, strict=True):
+    for d, (lg, tgt) in enumerate(zip(logits, targets, strict=True)):
         if tgt is None:
             continue
         mask = tgt.sum(-1) > 0
         if not bool(mask.any()):
             continue
-        nll = -(tgt[mask] * torch.log_softmax(lg[mask], dim=-1)).sum(-1)
+        t = tgt[mask]
+        logp = torch.log_softmax(lg[mask], dim=-1)
+        w = weights[d] if weights is not None and weights[d] is not None else None
+        nll = -((t * w) if w is not None else t).mul(logp).sum(-1)
+        if ordinal_weight and ordinal is not None and ordinal[d] and lg.shape[-1] > 2:
+            pos = torch.linspace(0.0, 1.0, lg.shape[-1], device=lg.device)
+            nll = nll + ordinal_weight * ((logp.exp() * pos).sum(-1) - (t * pos).sum(-1)).pow(2)
         total = total + nll.sum()
         count += int(mask.sum())
     return total, count
+
+
+def class_weights(examples: Sequence[Example], rubric: Rubric, power: float) -> list[torch.Tensor | None]:
+    """Per dimension prior^-power over its values, scaled so the prior-weighted mean weight is 1."""
+    if not power:
+        return [None] * len(rubric.dimensions)
+    out: list[torch.Tensor | None] = []
+    per_example = [ex.targets(rubric) for ex in examples]
+    for d in range(len(rubric.dimensions)):
+        rows = [t[d] for t in per_example if t[d] is not None]
+        if not rows:
+            out.append(None)
+            continue
+        prior = torch.tensor(rows, dtype=torch.float32).mean(0).clamp_min(1.0 / (10 * len(rows)))
+        w = prior.pow(-power)
+        out.append(w / (prior * w).sum())
+    return out
 
 
 def token_dropout(enc: Encoded, rate: float, rng: random.Random, protected: set[int]) -> Encoded:
@@ -147,6 +178,7 @@ def train_adapter(
     builder = PromptBuilder(tokenizer, rubric, cfg.max_tokens)
     candidates = [s.token_ids for s in builder.spaces]
     protected = set(tokenizer.all_special_ids)
+    weights = class_weights(examples, rubric, cfg.class_balance)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -164,7 +196,7 @@ def train_adapter(
             batch = order[b : b + cfg.batch_size]
             encoded = [_encode(builder, ex, cfg, rng, protected) for ex in batch]
             optimizer.zero_grad(set_to_none=True)
-            loss = _accumulate(peft_model, tokenizer, rubric, batch, encoded, candidates, cfg, device)
+            loss = _accumulate(peft_model, tokenizer, rubric, batch, encoded, candidates, cfg, device, weights)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
@@ -191,12 +223,15 @@ def _encode(builder: PromptBuilder, ex: Example, cfg: TrainConfig, rng: random.R
 def _accumulate(
     model: Any, tokenizer: Any, rubric: Rubric, batch: Sequence[Example], encoded: Sequence[Encoded],
     candidates: Sequence[Sequence[int]], cfg: TrainConfig, device: torch.device,
+    weights: Sequence[torch.Tensor | None] | None = None,
 ) -> float:
     """Backward over micro-batches (length-sorted, so little padding); gradients equal the whole batch's mean."""
     targets = _targets_tensor(batch, rubric, encoded)
     n_labelled = sum(int((t.sum(-1) > 0).sum()) for t in targets if t is not None)
     order = sorted(range(len(batch)), key=lambda i: len(encoded[i].input_ids))
-    step = max(1, cfg.micro_batch_size)
+    step = cfg.micro_batch_size or (len(batch) if device.type == "cuda" else 2)
+    ordinal = [dim.level != "nominal" for dim in rubric.dimensions]
+    weights = [w.to(device) if w is not None else None for w in weights] if weights is not None else None
     total = 0.0
     for m in range(0, len(order), step):
         rows = order[m : m + step]
@@ -205,7 +240,7 @@ def _accumulate(
         logits = answer_logits(model, ids, mask, reads, candidates)
         index = torch.tensor(rows)
         part = [t[index].to(device) if t is not None else None for t in targets]
-        loss_sum, count = soft_cross_entropy_sum(logits, part)
+        loss_sum, count = soft_cross_entropy_sum(logits, part, weights, ordinal, cfg.ordinal_loss)
         if count:
             (loss_sum / max(n_labelled, 1)).backward()
             total += float(loss_sum.detach())

@@ -163,6 +163,30 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """Trains and evaluates one or more recipes on a dev set; one JSON + Markdown file per recipe."""
+    from model.experiment import markdown, recipe_from, run_experiment
+
+    settings = load_settings()
+    _logging(settings)
+    recipes = json.loads(args.recipes)
+    recipes = recipes if isinstance(recipes, list) else [recipes]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, overrides in enumerate(recipes):
+        name = overrides.pop("name", f"recipe{i}")
+        cfg = recipe_from({"max_tokens": settings.max_prompt_tokens, **overrides})
+        result = run_experiment(args.dataset, cfg, settings.base_model, settings.model_dir, settings.quantization,
+                                settings.device, args.test_fraction, args.split_seed, args.limit_train,
+                                evaluate_base=not args.skip_base)
+        result["name"] = name
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+        table = markdown(result)
+        (args.out / f"{name}.md").write_text(f"# {name} on {args.dataset}\n\n{json.dumps(overrides)}\n\n{table}\n")
+        print(f"## {name} {json.dumps(overrides)} train {result['train_seconds']} s, peak RSS "
+              f"{result['peak_rss_mb']} MB\n{table}\n", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slm-annotator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -191,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--project", required=True)
     rollback.add_argument("--version", required=True, help="e.g. 3, v3 or base")
     rollback.set_defaults(func=cmd_rollback)
+    exp = sub.add_parser("experiment", help="train and evaluate training recipes on a dev set (fixed split, seeds)")
+    exp.add_argument("--dataset", default="usr", help="usr | goemotions | lewidi:<name> (from $SLM_SHARED_DATA)")
+    exp.add_argument("--recipes", default="{}",
+                     help='JSON object or list of objects of training settings, e.g. [{"name": "a", "lr": 5e-4}]')
+    exp.add_argument("--test-fraction", type=float, default=1 / 3)
+    exp.add_argument("--split-seed", type=int, default=0)
+    exp.add_argument("--limit-train", type=int, default=None, help="use only the first N training items")
+    exp.add_argument("--skip-base", action="store_true", help="do not evaluate the untrained base model")
+    exp.add_argument("--out", type=Path, default=Path("experiments"))
+    exp.set_defaults(func=cmd_experiment)
     return parser
 
 
