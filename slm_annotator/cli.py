@@ -91,6 +91,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _logging(settings)
     _prepare(settings)
     conn = connect(settings.redis_url, settings.model_dir)
+    # Training yields the CPU to the request path when both share a machine (the one-command quickstart):
+    # webhooks must stay well under Label Studio's 1 s timeout while a job trains.
+    os.nice(10)
     # Maintenance every minute (RQ's default is 10): a job whose worker was killed is retried soon after its
     # heartbeat lapses (~90 s), not up to 10 minutes later.
     worker = Worker([Queue(QUEUE_NAME, connection=conn)], connection=conn, name=args.name, maintenance_interval=60)

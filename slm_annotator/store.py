@@ -52,12 +52,19 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below), not pysqlite before DML only
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")  # readers never block the webhook writer
             cur.execute("PRAGMA synchronous=FULL")  # an acknowledged label survives power loss
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            # Writers take the write lock up front, so a read-check-write (an upsert ordered by updated_at)
+            # is atomic across threads and processes; readers stay concurrent under WAL.
+            conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
 
         return engine
     if url.startswith("postgresql://"):
@@ -80,18 +87,36 @@ class Store:
         if run_migrations:
             migrate(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.is_sqlite = url.startswith("sqlite")
+        writer = self.engine.execution_options(sqlite_begin="IMMEDIATE") if self.is_sqlite else self.engine
+        self.writer_sessions = sessionmaker(writer, expire_on_commit=False)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self.sessions.begin() as s:
             yield s
 
+    @contextmanager
+    def write_session(self) -> Iterator[Session]:
+        """A transaction that writes: SQLite's write lock from its first statement (BEGIN IMMEDIATE)."""
+        with self.writer_sessions.begin() as s:
+            yield s
+
+    def _lock_project(self, s: Session, project_id: str) -> Project:
+        """The project row, created if missing and locked (PostgreSQL): one label writer per project at once."""
+        project = s.scalars(select(Project).where(Project.id == project_id).with_for_update()).first()
+        if project is None:
+            project = Project(id=project_id)
+            s.add(project)
+            s.flush()  # a concurrent creator makes this raise IntegrityError: the caller retries
+        return project
+
     # -- projects ----------------------------------------------------------------------------------
     def upsert_project(self, project_id: str, **fields: Any) -> Project:
         fields = {k: v for k, v in fields.items() if v is not None}
         for attempt in range(2):
             try:
-                with self.session() as s:
+                with self.write_session() as s:
                     project = s.get(Project, project_id)
                     if project is None:
                         project = Project(id=project_id, **fields)
@@ -129,7 +154,7 @@ class Store:
         """True when the store changed. Equal or older `updated_at` than stored: no-op."""
         for attempt in range(3):
             try:
-                with self.session() as s:
+                with self.write_session() as s:
                     return self._upsert_label(s, project_id, label)
             except IntegrityError:
                 if attempt == 2:
@@ -137,9 +162,7 @@ class Store:
         return False
 
     def _upsert_label(self, s: Session, project_id: str, label: LabelIn) -> bool:
-        if s.get(Project, project_id) is None:
-            s.add(Project(id=project_id))
-            s.flush()
+        self._lock_project(s, project_id)
         row = s.scalars(
             select(Annotation).where(
                 Annotation.project_id == project_id, Annotation.annotation_id == label.annotation_id
@@ -176,10 +199,8 @@ class Store:
     def delete_labels(self, project_id: str, annotation_ids: list[int]) -> int:
         """Marks deleted (a tombstone even if the create never arrived, so a late create stays dead)."""
         changed = 0
-        with self.session() as s:
-            if s.get(Project, project_id) is None:
-                s.add(Project(id=project_id))
-                s.flush()
+        with self.write_session() as s:
+            self._lock_project(s, project_id)
             for ann_id in annotation_ids:
                 row = s.scalars(
                     select(Annotation).where(
@@ -217,22 +238,24 @@ class Store:
             )
 
     def pending_changes(self, project_id: str) -> int:
-        """Labels added or changed since the last successful training (the watermark)."""
+        """Labels added or changed since the last successful training, or since what a running one took."""
         with self.session() as s:
             project = s.get(Project, project_id)
             if project is None:
                 return 0
-            return int(
-                s.scalar(
-                    select(func.count()).where(
-                        Annotation.project_id == project_id, Annotation.seq > project.trained_seq
-                    )
+            running = s.scalar(
+                select(func.max(TrainingRun.seq_snapshot)).where(
+                    TrainingRun.project_id == project_id, TrainingRun.status == "running"
                 )
+            )
+            mark = max(project.trained_seq, running or 0)
+            return int(
+                s.scalar(select(func.count()).where(Annotation.project_id == project_id, Annotation.seq > mark))
                 or 0
             )
 
     def set_flags(self, project_id: str, **flags: bool) -> None:
-        with self.session() as s:
+        with self.write_session() as s:
             s.execute(update(Project).where(Project.id == project_id).values(**flags))
 
     def requested(self) -> list[Project]:
@@ -245,7 +268,7 @@ class Store:
 
     # -- training runs and adapters -------------------------------------------------------------------
     def start_run(self, project_id: str, job_id: str, trigger: str) -> TrainingRun:
-        with self.session() as s:
+        with self.write_session() as s:
             stale = s.scalars(
                 select(TrainingRun).where(TrainingRun.project_id == project_id, TrainingRun.status == "running")
             )
@@ -260,7 +283,7 @@ class Store:
             return run
 
     def finish_run(self, run_id: int, status: str, **fields: Any) -> None:
-        with self.session() as s:
+        with self.write_session() as s:
             run = s.get(TrainingRun, run_id)
             if run is None:
                 return
@@ -287,7 +310,7 @@ class Store:
 
     def add_adapter(self, adapter: AdapterVersion, serve: bool) -> AdapterVersion:
         """Records a trained adapter; `serve` makes it the project's one served adapter in one transaction."""
-        with self.session() as s:
+        with self.write_session() as s:
             if serve:
                 s.execute(
                     update(AdapterVersion)
@@ -319,7 +342,7 @@ class Store:
 
     def serve_version(self, project_id: str, version: int) -> AdapterVersion:
         """Rollback (or forward) to a stored adapter: one transaction flips which one is served."""
-        with self.session() as s:
+        with self.write_session() as s:
             target = s.scalars(
                 select(AdapterVersion).where(
                     AdapterVersion.project_id == project_id, AdapterVersion.version == version
@@ -337,7 +360,7 @@ class Store:
             return target
 
     def unserve(self, project_id: str) -> None:
-        with self.session() as s:
+        with self.write_session() as s:
             s.execute(
                 update(AdapterVersion)
                 .where(AdapterVersion.project_id == project_id, AdapterVersion.status == "served")
@@ -348,7 +371,7 @@ class Store:
     def record_predictions(self, project_id: str, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        with self.session() as s:
+        with self.write_session() as s:
             if s.get(Project, project_id) is None:
                 s.add(Project(id=project_id))
                 s.flush()

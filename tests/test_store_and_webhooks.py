@@ -173,3 +173,41 @@ def test_redis_down_keeps_the_label_and_queues_later(settings, embedded_redis_ur
     conn.delete(f"rq:job:{job_id('4')}")
     svc.trigger.flush_all()
     assert job_id("4") in Queue(QUEUE_NAME, connection=conn).job_ids
+
+
+def test_concurrent_writers_of_one_annotation_keep_the_newest(store: Store) -> None:
+    """Check-then-write must be atomic: an older update that read the row first must not win."""
+    import random
+    import threading
+
+    store.upsert_project("77")
+    stamps = [f"2026-03-01T10:{m:02d}:00Z" for m in range(40)]
+    for round_ in range(5):
+        ann = 500 + round_
+        order = stamps[:]
+        random.Random(round_).shuffle(order)
+        start = threading.Barrier(8)
+
+        def write(chunk: list[str], ann: int = ann, start: threading.Barrier = start) -> None:
+            start.wait()
+            for stamp in chunk:
+                store.upsert_label("77", label(ann, "pos" if stamp.endswith("39:00Z") else "neg", stamp))
+
+        threads = [threading.Thread(target=write, args=(order[i::8],)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        row = next(a for a in store.labels("77") if a.annotation_id == ann)
+        assert row.values == {"sentiment": "pos"} and row.ls_updated_at.minute == 39
+
+
+def test_labels_during_a_running_job_count_from_what_it_took(store: Store) -> None:
+    for i in range(5):
+        store.upsert_label("88", label(900 + i, "pos", "2026-01-01T10:00:00Z", task=i))
+    assert store.pending_changes("88") == 5
+    run = store.start_run("88", "job", "threshold")  # takes the five
+    store.upsert_label("88", label(950, "neg", "2026-01-01T10:00:00Z", task=9))
+    assert store.pending_changes("88") == 1  # not six: the running job already has the others
+    store.finish_run(run.id, "promoted")
+    assert store.pending_changes("88") == 1

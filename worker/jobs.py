@@ -12,6 +12,7 @@ from model.rubric import RubricError
 from slm_annotator.settings import load_settings
 from slm_annotator.store import Store
 from worker.pipeline import run_training
+from worker.policy import due
 from worker.sync import SyncError, sync_project
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ def train_project(project_id: str, trigger: str = "threshold", continual: bool =
         n_heldout=(outcome.metrics or {}).get("heldout_tasks", 0),
     )
     log.info("project %s training %s: %s", project_id, outcome.status, outcome.detail)
+    if due(settings, store, project_id):  # labels that arrived during this run: the backend queues the next one
+        store.set_flags(project_id, training_requested=True)
     return {"status": outcome.status, "detail": outcome.detail, "model_version": outcome.model_version}
 
 

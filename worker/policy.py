@@ -20,6 +20,7 @@ from slm_annotator.store import Store
 log = logging.getLogger(__name__)
 QUEUE_NAME = "slm-annotator"
 ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+ACTIVE_CACHE_SECONDS = 2.0  # a burst of webhooks while a job is queued or running skips the Redis round trips
 
 
 def job_id(project_id: str) -> str:
@@ -32,6 +33,15 @@ def threshold_for(settings: Settings, extra_params: dict[str, Any] | None) -> in
         return max(1, int(raw)) if raw is not None else settings.train_threshold
     except (TypeError, ValueError):
         return settings.train_threshold
+
+
+def due(settings: Settings, store: Store, project_id: str, project: Any = None) -> bool:
+    """Enough new labels since the last training (or since what a running one took), or already requested."""
+    project = project if project is not None else store.project(project_id)
+    if project is not None and project.training_requested:
+        return True
+    extra = project.extra_params if project else {}
+    return store.pending_changes(project_id) >= threshold_for(settings, extra)
 
 
 def enqueue_training(conn: Redis, settings: Settings, project_id: str, trigger: str) -> str:
@@ -78,6 +88,7 @@ class Trigger:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._conn: Redis | None = None
+        self._active_until: dict[str, float] = {}
 
     def _connection(self) -> Redis:
         if self._conn is None:
@@ -85,13 +96,17 @@ class Trigger:
         return self._conn
 
     def maybe_train(self, project_id: str, force: bool = False, trigger: str = "threshold") -> str:
+        if not force and time.monotonic() < self._active_until.get(project_id, 0.0):
+            return "already queued"  # a job was seen queued or running within the last seconds: no DB/Redis work
         project = self.store.project(project_id)
-        extra = project.extra_params if project else {}
-        below = self.store.pending_changes(project_id) < threshold_for(self.settings, extra)
-        if not force and below and not (project and project.training_requested):
+        if not force and not due(self.settings, self.store, project_id, project):
             return "below threshold"
-        self.store.set_flags(project_id, training_requested=True)  # durable intent before touching Redis
-        return self.flush(project_id, trigger)
+        if project is None or not project.training_requested:
+            self.store.set_flags(project_id, training_requested=True)  # durable intent before touching Redis
+        state = self.flush(project_id, trigger)
+        if state in {"queued", "already queued"}:
+            self._active_until[project_id] = time.monotonic() + ACTIVE_CACHE_SECONDS
+        return state
 
     def flush(self, project_id: str, trigger: str = "threshold") -> str:
         if time.monotonic() < self._down_until:
