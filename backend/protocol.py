@@ -67,6 +67,8 @@ def setup() -> Any:
         project = svc.store.project(pid)
         if project is None or any(getattr(project, k) != v for k, v in fields.items()):
             svc.store.upsert_project(pid, **fields)
+        if config:
+            svc.remember_config(pid, config)
     _, version = svc.adapter_for(pid)
     return jsonify(model_version=version)
 
@@ -156,11 +158,18 @@ def webhook() -> Any:
 
 def _remember_project(svc: Services, pid: str, project: Any) -> str:
     """Keeps the label config that webhooks carry, so labels arriving before /setup still parse."""
-    stored = svc.store.project(pid)
     config = project.get("label_config") if isinstance(project, dict) else None
-    if isinstance(config, str) and config and (stored is None or stored.label_config != config):
-        svc.store.upsert_project(pid, label_config=config)
+    known = svc.known_config(pid)
+    if isinstance(config, str) and config and config != known:
+        stored = svc.store.project(pid)
+        if stored is None or stored.label_config != config:
+            svc.store.upsert_project(pid, label_config=config)
+        svc.remember_config(pid, config)
         return config
+    if known is not None:
+        return known
+    stored = svc.store.project(pid)
+    svc.remember_config(pid, stored.label_config if stored else "")
     return stored.label_config if stored else ""
 
 

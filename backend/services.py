@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +15,8 @@ from slm_annotator.settings import Settings
 from slm_annotator.store import Store
 from worker.policy import Trigger
 from worker.redis_conn import connect
+
+CONFIG_CACHE_SECONDS = 5.0
 
 
 def base_version(settings: Settings) -> str:
@@ -35,6 +38,15 @@ class Services:
 
     def __post_init__(self) -> None:
         self.predict_slots = threading.BoundedSemaphore(max(1, self.settings.predict_queue_limit))
+        self._configs: dict[str, tuple[str, float]] = {}
+
+    def known_config(self, project_id: str) -> str | None:
+        """The project's label config as this process last saw it, for a few seconds (one read per webhook less)."""
+        hit = self._configs.get(project_id)
+        return hit[0] if hit and time.monotonic() < hit[1] else None
+
+    def remember_config(self, project_id: str, config: str) -> None:
+        self._configs[project_id] = (config, time.monotonic() + CONFIG_CACHE_SECONDS)
 
     def adapter_for(self, project_id: str) -> tuple[AdapterRef | None, str]:
         served = self.store.served_adapter(project_id) if project_id else None

@@ -44,7 +44,7 @@ class TrainConfig:
     seed: int = 0
     max_tokens: int = 1024
     weight_decay: float = 0.0
-    class_balance: float = 0.0  # weight each value by prior^-x (0: plain; 1: inverse frequency) against collapse
+    class_balance: float = 1.0  # weight each value by prior^-x (0: plain; 1: inverse frequency) against collapse
     ordinal_loss: float = 0.0  # weight of the squared error of the expected scale position (ordered scales)
     warmup_fraction: float = 0.1
 

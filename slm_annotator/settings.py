@@ -75,6 +75,8 @@ class Settings:
     train_lr: float
     train_batch_size: int
     train_micro_batch: int
+    train_class_balance: float
+    train_ordinal_loss: float
     lora_r: int
     lora_alpha: int
     lora_dropout: float
@@ -144,7 +146,9 @@ def load_settings() -> Settings:
         train_epochs=_env_int("TRAIN_EPOCHS", 4),
         train_lr=_env_float("TRAIN_LR", 5e-4),
         train_batch_size=_env_int("TRAIN_BATCH_SIZE", 8),
-        train_micro_batch=_env_int("TRAIN_MICRO_BATCH", 2),
+        train_micro_batch=_env_int("TRAIN_MICRO_BATCH", 0),
+        train_class_balance=_env_float("TRAIN_CLASS_BALANCE", 1.0),
+        train_ordinal_loss=_env_float("TRAIN_ORDINAL_LOSS", 0.0),
         lora_r=_env_int("LORA_R", 16),
         lora_alpha=_env_int("LORA_ALPHA", 32),
         lora_dropout=_env_float("LORA_DROPOUT", 0.05),

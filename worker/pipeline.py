@@ -44,6 +44,7 @@ def train_config(settings: Settings, extra: dict[str, Any]) -> TrainConfig:
     base = TrainConfig(
         epochs=settings.train_epochs, lr=settings.train_lr, batch_size=settings.train_batch_size,
         micro_batch_size=settings.train_micro_batch, lora_layers=settings.lora_layers,
+        class_balance=settings.train_class_balance, ordinal_loss=settings.train_ordinal_loss,
         lora_r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
         targets=settings.lora_targets, token_dropout=settings.token_dropout,
         token_dropout_share=settings.token_dropout_share, seed=settings.seed, max_tokens=settings.max_prompt_tokens,
