@@ -18,7 +18,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import bindparam, create_engine, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -80,6 +80,37 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+_ANNOTATIONS = Annotation.__table__
+_PROJECTS = Project.__table__
+_LOCK_PROJECT = select(_PROJECTS.c.label_seq).where(_PROJECTS.c.id == bindparam("p")).with_for_update()
+_SET_SEQ = update(_PROJECTS).where(_PROJECTS.c.id == bindparam("p")).values(label_seq=bindparam("seq"))
+_FIND_LABEL = select(
+    _ANNOTATIONS.c.id, _ANNOTATIONS.c.ls_updated_at, _ANNOTATIONS.c.deleted, _ANNOTATIONS.c.result,
+    _ANNOTATIONS.c["values"], _ANNOTATIONS.c.cancelled, _ANNOTATIONS.c.annotator,
+).where(_ANNOTATIONS.c.project_id == bindparam("p"), _ANNOTATIONS.c.annotation_id == bindparam("a"))
+_TOUCH_LABEL = (
+    update(_ANNOTATIONS).where(_ANNOTATIONS.c.id == bindparam("row_id"))
+    .values(ls_updated_at=bindparam("ls_updated_at"))
+)
+_LABEL_FIELDS = ("task_id", "annotator", "result", "values", "cancelled", "source", "ls_updated_at", "seq",
+                 "updated_at")
+
+
+def _update_label(with_task_data: bool, hard: bool) -> tuple[Any, tuple[str, ...]]:
+    """An update without task data keeps the stored data; "hard" is only ever set, never cleared.
+
+    Execute it with exactly its columns: Core adds any other column named in the parameters to the SET clause.
+    """
+    columns = _LABEL_FIELDS + (("task_data",) if with_task_data else ()) + (("hard",) if hard else ())
+    stmt = update(_ANNOTATIONS).where(_ANNOTATIONS.c.id == bindparam("row_id")).values(
+        {c: bindparam(c) for c in columns}
+    )
+    return stmt, columns
+
+
+_UPDATE_LABEL = {(t, h): _update_label(t, h) for t in (False, True) for h in (False, True)}
 
 
 class Store:
@@ -169,14 +200,9 @@ class Store:
         return False
 
     def _upsert_label(self, s: Session, project_id: str, label: LabelIn) -> bool:
-        """Core statements, not the ORM unit of work: this runs once per webhook (a few ms matter)."""
+        """Prebuilt Core statements, not the ORM unit of work: this runs once per webhook (a few ms matter)."""
         seq = self._lock_seq(s, project_id)
-        table = Annotation.__table__
-        row = s.execute(
-            select(table.c.id, table.c.ls_updated_at, table.c.deleted, table.c.result, table.c["values"],
-                   table.c.cancelled, table.c.annotator)
-            .where(table.c.project_id == project_id, table.c.annotation_id == label.annotation_id)
-        ).first()
+        row = s.execute(_FIND_LABEL, {"p": project_id, "a": label.annotation_id}).first()
         if row is not None and row.ls_updated_at and label.ls_updated_at and label.ls_updated_at <= row.ls_updated_at:
             return False
         if row is not None and row.deleted:
@@ -186,36 +212,32 @@ class Store:
             label.result, label.cancelled, label.values, label.annotator
         ):
             if label.ls_updated_at:
-                s.execute(update(table).where(table.c.id == row.id).values(ls_updated_at=label.ls_updated_at))
+                s.execute(_TOUCH_LABEL, {"row_id": row.id, "ls_updated_at": label.ls_updated_at})
             return False
         fields = {
             "task_id": label.task_id, "annotator": label.annotator, "result": label.result, "values": label.values,
             "cancelled": label.cancelled, "source": label.source, "ls_updated_at": label.ls_updated_at,
-            "seq": seq + 1, "updated_at": now,
+            "seq": seq + 1, "updated_at": now, "task_data": label.task_data, "hard": label.hard,
         }
         if row is None:
-            s.execute(table.insert().values(
-                project_id=project_id, annotation_id=label.annotation_id, task_data=label.task_data or {},
-                hard=label.hard, deleted=False, created_at=now, **fields))
+            s.execute(_ANNOTATIONS.insert(), {**fields, "project_id": project_id, "annotation_id": label.annotation_id,
+                                               "task_data": label.task_data or {}, "deleted": False,
+                                               "created_at": now})
         else:
-            extra = {"task_data": label.task_data} if label.task_data else {}
-            if label.hard:
-                extra["hard"] = True
-            s.execute(update(table).where(table.c.id == row.id).values(**fields, **extra))
-        s.execute(update(Project.__table__).where(Project.__table__.c.id == project_id).values(label_seq=seq + 1))
+            stmt, columns = _UPDATE_LABEL[bool(label.task_data), label.hard]
+            s.execute(stmt, {**{c: fields[c] for c in columns}, "row_id": row.id})
+        s.execute(_SET_SEQ, {"p": project_id, "seq": seq + 1})
         return True
 
     def _lock_seq(self, s: Session, project_id: str) -> int:
         """The project's label_seq, its row locked (PostgreSQL) and created if missing."""
-        projects = Project.__table__
-        seq = s.execute(
-            select(projects.c.label_seq).where(projects.c.id == project_id).with_for_update()
-        ).scalar_one_or_none()
+        seq = s.execute(_LOCK_PROJECT, {"p": project_id}).scalar_one_or_none()
         if seq is None:
             now = utcnow()
-            s.execute(projects.insert().values(
-                id=project_id, label_seq=0, trained_seq=0, training_requested=False, sync_requested=False,
-                created_at=now, updated_at=now))  # a concurrent creator: IntegrityError, the caller retries
+            s.execute(_PROJECTS.insert(), {
+                "id": project_id, "label_seq": 0, "trained_seq": 0, "training_requested": False,
+                "sync_requested": False, "created_at": now, "updated_at": now,
+            })  # a concurrent creator: IntegrityError, the caller retries
             return 0
         return int(seq)
 

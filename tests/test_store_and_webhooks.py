@@ -211,3 +211,14 @@ def test_labels_during_a_running_job_count_from_what_it_took(store: Store) -> No
     assert store.pending_changes("88") == 1  # not six: the running job already has the others
     store.finish_run(run.id, "promoted")
     assert store.pending_changes("88") == 1
+
+
+def test_an_update_without_task_data_keeps_the_stored_data_and_hard_flag(store: Store) -> None:
+    from backend.payloads import parse_time
+
+    first = LabelIn(31, 3, "alice", [], {"sentiment": "pos"}, {"text": "kept"}, hard=True,
+                    ls_updated_at=parse_time("2026-01-01T10:00:00Z"))
+    later = LabelIn(31, 3, "alice", [], {"sentiment": "neg"}, {}, ls_updated_at=parse_time("2026-01-01T11:00:00Z"))
+    assert store.upsert_label("5", first) and store.upsert_label("5", later)
+    row = store.labels("5")[0]
+    assert row.values == {"sentiment": "neg"} and row.task_data == {"text": "kept"} and row.hard
