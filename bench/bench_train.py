@@ -43,7 +43,7 @@ for p in (ROOT, ROOT / "bench"):
 from bench_predict import cuda_peak_mb, machine_info, reset_cuda_peak, synthetic_dir  # noqa: E402
 
 from model.dataset import Example  # noqa: E402
-from model.devdata import fixed_split, load_usr_personachat  # noqa: E402
+from model.experiment import load_devset, split_devset  # noqa: E402
 from model.loader import load_base, pick_device, resolve_base  # noqa: E402
 from model.prompt import PromptBuilder  # noqa: E402
 from model.rubric import parse_label_config  # noqa: E402
@@ -53,14 +53,9 @@ log = logging.getLogger("bench_train")
 
 
 def usr_examples() -> tuple[Any, list[Example]]:
-    ds = load_usr_personachat()
-    train, _ = fixed_split(ds.items, 1 / 3, seed=0)
-    rubric = parse_label_config(ds.label_config)
-    examples = [
-        Example(it.item_id, it.data, {r: {k: str(v) for k, v in vals.items()} for r, vals in it.ratings.items()})
-        for it in train
-    ]
-    return rubric, examples
+    """The USR training split of the experiment command (fixed by context, seed 0)."""
+    ds = load_devset("usr")
+    return parse_label_config(ds.label_config), split_devset(ds, 1 / 3, 0).train
 
 
 def run_product(base: Any, rubric: Any, examples: list[Example], args: argparse.Namespace) -> dict[str, Any]:
@@ -190,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.trainer:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return 0
-    rows = []
+    rows: list[dict[str, Any]] = []
+    failures: list[str] = []
     for spec in args.runs.split(","):
         trainer, layers = spec.split(":")
         cmd = [sys.executable, __file__, "--trainer", trainer, "--lora-layers", layers,
@@ -201,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         done = subprocess.run(cmd, capture_output=True, text=True)
         found = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if done.returncode != 0 or not found:
-            print(f"{spec} failed (rc {done.returncode}): {done.stderr[-2000:]}", file=sys.stderr)
+            why = "killed (SIGKILL: out of memory?)" if done.returncode == -9 else f"failed (rc {done.returncode})"
+            print(f"{spec} {why}: {done.stderr[-2000:]}", file=sys.stderr)
+            failures.append(f"{trainer} (LoRA layers {layers or 'all'}): {why}")
             continue
         rows.append(json.loads(found[-1][7:]))
         print(table(rows).splitlines()[-1], flush=True)
@@ -213,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".md").write_text(
         f"# Training throughput\n\n{meta.get('cpu_model', '')} ({meta.get('cpu_cores')} cores), "
         f"{meta.get('device')}, torch {meta.get('torch')}, {meta.get('date')}; USR-PersonaChat, batch 8, "
-        f"prompts up to {args.max_tokens} tokens, {args.steps} timed steps.\n\n{md}\n")
+        f"prompts up to {args.max_tokens} tokens, {args.steps} timed steps.\n\n{md}\n"
+        + "".join(f"\n- {f}" for f in failures) + ("\n" if failures else ""))
     return 0
 
 
