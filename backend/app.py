@@ -19,6 +19,7 @@ from backend.services import Services, build_services
 from slm_annotator.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
+SECRET_HEADER = "X-Webhook-Secret"
 
 
 def _authorized(settings: Settings) -> bool:
@@ -50,6 +51,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @app.before_request
     def _auth_and_timer() -> Any:
         g.started = time.perf_counter()
+        if request.path == "/webhook" and settings.webhook_secret:
+            # Label Studio's event webhooks carry no credentials of their own: the secret is a custom header
+            # configured on the webhook, and it is the only way in (a forged event could poison training data).
+            if hmac.compare_digest(request.headers.get(SECRET_HEADER, ""), settings.webhook_secret):
+                return None
+            return Response(f'{{"error": "webhook secret missing or wrong ({SECRET_HEADER} header)"}}', 401,
+                            {"Content-Type": "application/json"})
         if settings.basic_auth_user and not _authorized(settings):
             return Response(
                 '{"error": "authentication required"}',

@@ -140,3 +140,27 @@ def test_metrics_exposes_requests_latency_and_predictions(client) -> None:
     assert "slm_requests_total" in text and "slm_request_seconds_bucket" in text
     assert 'slm_predictions_total{project="7"}' in text and "slm_model_load_seconds" in text
     assert "secret-token" not in text
+
+
+def test_webhook_secret_rejects_forged_events_and_stores_nothing(settings, embedded_redis_url) -> None:
+    secured = replace(settings, redis_url=embedded_redis_url, webhook_secret="s3cret-value",
+                      basic_auth_user="ls", basic_auth_pass="pw")
+    app = create_app(secured)
+    client = app.test_client()
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": 61, "label_config": CONFIG},
+             "task": {"id": 1, "data": {"text": "hi"}},
+             "annotation": {"id": 5, "task": 1, "updated_at": "2026-01-01T10:00:00Z", "result": [
+                 {"from_name": "sentiment", "to_name": "text", "type": "choices",
+                  "value": {"choices": ["Positive"]}}]}}
+    basic = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+    for headers in ({}, {"X-Webhook-Secret": "guess"}, basic):  # forged: no secret, a wrong one, only basic auth
+        reply = client.post("/webhook", json=event, headers=headers)
+        assert reply.status_code == 401 and "X-Webhook-Secret" in reply.json["error"]
+    store = app.extensions["slm"].store
+    assert store.labels("61", include_inactive=True) == []
+    reply = client.post("/webhook", json=event, headers={"X-Webhook-Secret": "s3cret-value"})
+    assert reply.status_code == 200 and reply.json["status"] == "stored"
+    assert len(store.labels("61")) == 1
+    assert client.post("/setup", json={"project": "61.1", "schema": CONFIG}).status_code == 401  # basic auth still
+    assert client.post("/setup", json={"project": "61.1", "schema": CONFIG}, headers=basic).status_code == 200
+    assert "s3cret-value" not in client.get("/metrics", headers=basic).get_data(as_text=True)
