@@ -128,6 +128,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     device = pick_device(args.device)
     rubric, examples = usr_examples()
     source = args.base_model
+    args.model_dir.mkdir(parents=True, exist_ok=True)
     if args.synthetic_config:
         tok_source, _ = resolve_base(args.tokenizer_from, args.model_dir)
         source = str(synthetic_dir(args.synthetic_config, tok_source, 0, device, args.model_dir))
