@@ -123,6 +123,8 @@ class PromptBuilder:
         slot = tokenizer.encode(" ?", add_special_tokens=False)
         self.slot_id = slot[-1]
         self.has_chat = bool(getattr(tokenizer, "chat_template", None))
+        self._tail = self._answer_tail()  # the same for every task: tokenised once
+        self._overheads: dict[tuple[Any, ...], int] = {}  # tokens around the texts (unaugmented layouts only)
 
     # -- text parts -------------------------------------------------------------------------------
     def _criteria(self, order: list[tuple[int, ...]]) -> str:
@@ -194,8 +196,14 @@ class PromptBuilder:
                     rng.shuffle(perm)
                     order[i] = tuple(perm)
         raw = [(o.name, object_text(o, data)) for o in objects]
-        tail, reads = self._answer_tail()
-        overhead = len(self._prefix_ids(self._user_message([(n, "") for n, _ in raw], order))) + len(tail)
+        tail, reads = self._tail
+        key = (tuple(n for n, _ in raw), tuple(order))
+        overhead = self._overheads.get(key) if rng is None else None  # augmented orders are too many to keep
+        if overhead is None:
+            overhead = len(self._prefix_ids(self._user_message([(n, "") for n, _ in raw], order)))
+            if rng is None:
+                self._overheads[key] = overhead
+        overhead += len(tail)
         # a cut text gains a marker and may re-tokenise a little longer: keep a small reserve per field
         texts = self._truncate([t for _, t in raw], self.max_tokens - overhead - 8 * len(raw))
         prefix = self._prefix_ids(self._user_message([(n, t) for (n, _), t in zip(raw, texts, strict=True)], order))

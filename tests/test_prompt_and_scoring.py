@@ -62,6 +62,16 @@ def test_augmentation_changes_layout_not_answers(tokenizer) -> None:
     assert tuple(plain.input_ids) == tuple(builder.encode(TASK["data"]).input_ids)
 
 
+def test_cached_layout_encodes_exactly_as_a_fresh_builder(tokenizer) -> None:
+    """Serving caches the tokens around the texts; a long text must still be cut to the same budget."""
+    warm = PromptBuilder(tokenizer, RUBRIC, 300)
+    for _ in range(3):
+        warm.encode(TASK["data"], random.Random(1))  # augmented encodes neither use nor fill the cache
+        warm.encode(TASK["data"])
+    for data in (TASK["data"], {"question": "q " * 400, "answer": "a long answer " * 300}):
+        assert warm.encode(data) == PromptBuilder(tokenizer, RUBRIC, 300).encode(data)
+
+
 @pytest.fixture(scope="module")
 def tiny_base(tiny_model_dir: Path):
     return load_base(str(tiny_model_dir), tiny_model_dir.parent, "none", "cpu")
