@@ -1,0 +1,33 @@
+"""Several projects, each served its own adapter, with at most MAX_LOADED_ADAPTERS kept on the one base model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from backend.app import create_app
+from slm_annotator.store import Store
+from tests.toy import CONFIG, fill
+from worker.pipeline import run_training
+
+
+def test_each_project_gets_its_adapter_and_the_lru_bound_holds(settings) -> None:
+    settings = replace(settings, train_epochs=8, train_lr=1e-2, heldout_fraction=0.25, token_dropout_share=0.0,
+                       lora_r=8, max_loaded_adapters=1)
+    store = Store(settings.database_url)
+    fill(store, "21")
+    fill(store, "22", flip=True)  # the same texts, the opposite labels: only the right adapter answers right
+    for project in ("21", "22"):
+        assert run_training(settings, store, project, store.start_run(project, "t", "t").id).status == "promoted"
+    app = create_app(settings)
+    client = app.test_client()
+    answers = []
+    for project in ("21", "22", "21", "22"):
+        version = client.post("/setup", json={"project": f"{project}.1", "schema": CONFIG}).json["model_version"]
+        reply = client.post("/predict", json={"project": f"{project}.1", "tasks": [
+            {"id": 1, "data": {"text": "great " * 40}}, {"id": 2, "data": {"text": "awful " * 40}}]}).json
+        assert {r["model_version"] for r in reply["results"]} == {version}
+        assert version.endswith(f"-p{project}-v1")
+        answers.append([r["result"][0]["value"]["choices"][0] for r in reply["results"]])
+        adapters = app.extensions["slm"].model._adapters
+        assert len(adapters.loaded) == 1 and len(adapters.model.peft_config) == 1  # the other one was evicted
+    assert answers == [["pos", "neg"], ["neg", "pos"], ["pos", "neg"], ["neg", "pos"]]
