@@ -140,16 +140,6 @@ class Store:
         with self._write_lock, self.writer_sessions.begin() as s:
             yield s
 
-    def _lock_project(self, s: Session, project_id: str) -> Project:
-        """The project row, created if missing and locked (PostgreSQL): one label writer per project at once."""
-        project = s.scalars(select(Project).where(Project.id == project_id).with_for_update()).first()
-        if project is None:
-            project = Project(id=project_id)
-            s.add(project)
-            s.flush()  # a concurrent creator makes this raise IntegrityError: the caller retries
-        return project
-
-    # -- projects ----------------------------------------------------------------------------------
     def upsert_project(self, project_id: str, **fields: Any) -> Project:
         fields = {k: v for k, v in fields.items() if v is not None}
         for attempt in range(2):
@@ -177,17 +167,6 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(Project).order_by(Project.id)))
 
-    def _bump(self, s: Session, project_id: str) -> int:
-        return int(
-            s.execute(
-                update(Project)
-                .where(Project.id == project_id)
-                .values(label_seq=Project.label_seq + 1)
-                .returning(Project.label_seq)
-            ).scalar_one()
-        )
-
-    # -- labels ------------------------------------------------------------------------------------
     def upsert_label(self, project_id: str, label: LabelIn) -> bool:
         """True when the store changed. Equal or older `updated_at` than stored: no-op."""
         for attempt in range(3):
@@ -245,7 +224,7 @@ class Store:
         """Marks deleted (a tombstone even if the create never arrived, so a late create stays dead)."""
         changed = 0
         with self.write_session() as s:
-            self._lock_project(s, project_id)
+            seq = self._lock_seq(s, project_id)
             for ann_id in annotation_ids:
                 row = s.scalars(
                     select(Annotation).where(
@@ -257,9 +236,12 @@ class Store:
                     s.add(row)
                 elif row.deleted:
                     continue
+                seq += 1
                 row.deleted = True
-                row.seq = self._bump(s, project_id)
+                row.seq = seq
                 changed += 1
+            if changed:
+                s.execute(_SET_SEQ, {"p": project_id, "seq": seq})
         return changed
 
     def labels(self, project_id: str, include_inactive: bool = False) -> list[Annotation]:
