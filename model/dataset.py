@@ -58,6 +58,38 @@ def examples_from_labels(rubric: Rubric, labels: Iterable[StoredLabel]) -> list[
     return [e for e in by_task.values() if e.ratings and e.data and missing <= _flat_keys(e.data)]
 
 
+LABEL_MODES = ("soft", "majority", "per_rater")
+
+
+def relabel(examples: Sequence[Example], rubric: Rubric, mode: str) -> list[Example]:
+    """What the model learns from several raters: their distribution (soft), the consensus, or each rater.
+
+    soft keeps one example per task with the raters' distribution as target (disagreement is signal);
+    majority trains on the consensus value; per_rater repeats the task once per rater (the seed recipe).
+    """
+    if mode == "soft":
+        return list(examples)
+    if mode == "per_rater":
+        return [Example(f"{e.task_key}#{r}", e.data, {r: v}, e.hard) for e in examples for r, v in e.ratings.items()]
+    if mode == "majority":
+        return [Example(e.task_key, e.data, {"majority": _majority(e, rubric)}, e.hard) for e in examples]
+    raise ValueError(f"label mode must be one of {LABEL_MODES}, got {mode!r}")
+
+
+def _majority(example: Example, rubric: Rubric) -> dict[str, str]:
+    """Most frequent value per dimension; ties go to the tied value nearest the raters' mean (lowest first)."""
+    out: dict[str, str] = {}
+    for dim, dist in zip(rubric.dimensions, example.targets(rubric), strict=True):
+        if dist is None:
+            continue
+        top = max(dist)
+        tied = [i for i, p in enumerate(dist) if p == top]
+        mean = sum(i * p for i, p in enumerate(dist))
+        pick = min(tied, key=lambda i: (abs(i - mean), i)) if dim.level != "nominal" else tied[0]
+        out[dim.key] = dim.values[pick]
+    return out
+
+
 def _flat_keys(data: dict[str, Any]) -> set[str]:
     keys = set(data)
     for key, value in data.items():

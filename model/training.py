@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from model.dataset import Example
+from model.dataset import Example, relabel, split_heldout
 from model.prompt import Encoded, PromptBuilder
 from model.rubric import Rubric
 from model.scorer import answer_logits, pad_batch
@@ -47,6 +47,9 @@ class TrainConfig:
     class_balance: float = 1.0  # weight each value by prior^-x (0: plain; 1: inverse frequency) against collapse
     ordinal_loss: float = 0.0  # weight of the squared error of the expected scale position (ordered scales)
     warmup_fraction: float = 0.1
+    label_mode: str = "soft"  # soft: the raters' distribution | majority: the consensus | per_rater: one each
+    val_fraction: float = 0.0  # share of training tasks held out for early stopping (0: train all epochs)
+    patience: int = 1  # epochs without a better validation loss before stopping; the best epoch is kept
 
 
 @dataclass
@@ -56,6 +59,8 @@ class TrainStats:
     labels_seen: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
 
     @property
     def samples_per_second(self) -> float:
@@ -170,27 +175,35 @@ def train_adapter(
     init_adapter: Path | None = None,
     progress: Progress | None = None,
 ) -> tuple[Any, TrainStats]:
-    """Returns the peft model (adapter 'default' trained) and statistics; the base weights stay frozen."""
+    """Returns the peft model (adapter 'default' trained) and statistics; the base weights stay frozen.
+
+    With val_fraction > 0 a share of the tasks is held out, the loss on it is measured after every epoch,
+    training stops after `patience` epochs without improvement and the best epoch's adapter is kept.
+    """
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    train, val = _validation_split(examples, cfg)
+    train = relabel(train, rubric, cfg.label_mode)
     peft_model = attach_lora(model, cfg, init_adapter)
     peft_model.train()
     builder = PromptBuilder(tokenizer, rubric, cfg.max_tokens)
     candidates = [s.token_ids for s in builder.spaces]
     protected = set(tokenizer.all_special_ids)
-    weights = class_weights(examples, rubric, cfg.class_balance)
+    weights = class_weights(train, rubric, cfg.class_balance)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = max(1, steps_per_epoch * cfg.epochs)
     warmup = max(1, int(total * cfg.warmup_fraction))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / total)
     )
+    val_encoded = [builder.encode(ex.data) for ex in val]
+    best: dict[str, torch.Tensor] | None = None
     stats = TrainStats()
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
-        order = list(examples)
+        order = list(train)
         rng.shuffle(order)
         for b in range(0, len(order), cfg.batch_size):
             batch = order[b : b + cfg.batch_size]
@@ -209,8 +222,59 @@ def train_adapter(
                 eta = stats.seconds / stats.steps * (total - stats.steps)
                 progress({"epoch": epoch + 1, "step": stats.steps, "total_steps": total,
                           "loss": round(stats.losses[-1], 4), "eta_seconds": round(eta, 1)})
+        if not val:
+            continue
+        stats.val_losses.append(validation_loss(peft_model, tokenizer, rubric, val, val_encoded, candidates, cfg,
+                                                device, weights))
+        if stats.val_losses[-1] <= min(stats.val_losses):
+            stats.best_epoch, best = epoch + 1, _trainable_state(peft_model)
+        if progress:
+            progress({"epoch": epoch + 1, "val_loss": round(stats.val_losses[-1], 4), "best_epoch": stats.best_epoch})
+        if epoch + 1 - (stats.best_epoch or 0) >= cfg.patience:
+            break
+    stats.seconds = time.perf_counter() - start
+    if best is not None:
+        peft_model.load_state_dict(best, strict=False)
     peft_model.eval()
     return peft_model, stats
+
+
+def _validation_split(examples: Sequence[Example], cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """Whole tasks by hash, as the promotion gate splits; too few tasks to spare: no early stopping."""
+    if cfg.val_fraction <= 0 or len(examples) * cfg.val_fraction < 4:
+        return list(examples), []
+    return split_heldout(examples, cfg.val_fraction, salt=f"early-stopping-{cfg.seed}")
+
+
+def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def validation_loss(
+    model: Any, tokenizer: Any, rubric: Rubric, examples: Sequence[Example], encoded: Sequence[Encoded],
+    candidates: Sequence[Sequence[int]], cfg: TrainConfig, device: torch.device,
+    weights: Sequence[torch.Tensor | None] | None = None,
+) -> float:
+    """The training objective (same weights, no dropout, no augmentation) on held-out tasks."""
+    model.eval()
+    targets = _targets_tensor(examples, rubric, encoded)
+    ordinal = [dim.level != "nominal" for dim in rubric.dimensions]
+    dev_weights = [w.to(device) if w is not None else None for w in weights] if weights is not None else None
+    total, count = 0.0, 0
+    step = max(cfg.batch_size, 1)
+    for m in range(0, len(examples), step):
+        rows = list(range(m, min(m + step, len(examples))))
+        ids, mask = pad_batch([encoded[i] for i in rows], tokenizer.pad_token_id, device)
+        reads = torch.tensor([encoded[i].read_positions for i in rows], device=device)
+        logits = answer_logits(model, ids, mask, reads, candidates)
+        index = torch.tensor(rows)
+        part = [t[index].to(device) if t is not None else None for t in targets]
+        loss_sum, n = soft_cross_entropy_sum(logits, part, dev_weights, ordinal, cfg.ordinal_loss)
+        total += float(loss_sum)
+        count += n
+    model.train()
+    return total / max(count, 1)
 
 
 def _encode(builder: PromptBuilder, ex: Example, cfg: TrainConfig, rng: random.Random, protected: set[int]) -> Encoded:

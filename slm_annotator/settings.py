@@ -77,6 +77,9 @@ class Settings:
     train_micro_batch: int
     train_class_balance: float
     train_ordinal_loss: float
+    train_label_mode: str
+    train_val_fraction: float
+    train_patience: int
     lora_r: int
     lora_alpha: int
     lora_dropout: float
@@ -120,6 +123,9 @@ def load_settings() -> Settings:
     device = _env("DEVICE", "auto").lower()
     if device not in {"auto", "cpu", "cuda"}:
         raise ValueError(f"DEVICE must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    label_mode = _env("TRAIN_LABEL_MODE", "soft").lower()
+    if label_mode not in {"soft", "majority", "per_rater"}:
+        raise ValueError(f"TRAIN_LABEL_MODE must be 'soft', 'majority' or 'per_rater', got {label_mode!r}")
     return Settings(
         model_dir=model_dir,
         database_url=_env("DATABASE_URL", f"sqlite:///{model_dir / 'labels.sqlite3'}"),
@@ -149,6 +155,9 @@ def load_settings() -> Settings:
         train_micro_batch=_env_int("TRAIN_MICRO_BATCH", 0),
         train_class_balance=_env_float("TRAIN_CLASS_BALANCE", 1.0),
         train_ordinal_loss=_env_float("TRAIN_ORDINAL_LOSS", 0.0),
+        train_label_mode=label_mode,
+        train_val_fraction=_env_float("TRAIN_VAL_FRACTION", 0.0),
+        train_patience=_env_int("TRAIN_PATIENCE", 1),
         lora_r=_env_int("LORA_R", 16),
         lora_alpha=_env_int("LORA_ALPHA", 32),
         lora_dropout=_env_float("LORA_DROPOUT", 0.05),

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
-from model.dataset import Example
+from model.dataset import Example, relabel
 from model.loader import load_model
 from model.prompt import PromptBuilder
 from model.rubric import parse_label_config
-from model.training import TrainConfig, _accumulate, _encode, attach_lora
+from model.training import (
+    TrainConfig,
+    _accumulate,
+    _encode,
+    _validation_split,
+    attach_lora,
+    class_weights,
+    train_adapter,
+    validation_loss,
+)
 from tests.toy import BAD, CONFIG, GOOD
 
 
@@ -54,3 +64,73 @@ def test_lora_layers_adapts_only_the_top_layers(tiny_model_dir) -> None:
     peft_model = attach_lora(model, TrainConfig(lora_layers=1), None)
     adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert adapted == {"1"}
+
+
+ORDINAL = parse_label_config("""<View><Text name="text" value="$text"/>
+<Choices name="q" toName="text"><Choice value="1"/><Choice value="2"/><Choice value="3"/></Choices>
+<Choices name="kind" toName="text"><Choice value="a"/><Choice value="b"/></Choices></View>""")
+
+
+def test_majority_breaks_ties_toward_the_raters_mean_on_ordered_scales() -> None:
+    ex = Example("t", {"text": "x"}, {"r1": {"q": "1", "kind": "b"}, "r2": {"q": "3", "kind": "a"},
+                                      "r3": {"q": "3", "kind": "b"}, "r4": {"q": "1"}})
+    [maj] = relabel([ex], ORDINAL, "majority")
+    assert maj.ratings == {"majority": {"q": "1", "kind": "b"}}  # 1 and 3 tie (mean 2): the lower one
+    tie = Example("u", {"text": "x"}, {"r1": {"q": "2"}, "r2": {"q": "3"}, "r3": {"q": "3"}, "r4": {"q": "2"},
+                                       "r5": {"q": "1"}})
+    assert relabel([tie], ORDINAL, "majority")[0].ratings["majority"]["q"] == "2"  # mean 2.2: 2 beats 3
+    assert relabel([tie], ORDINAL, "majority")[0].targets(ORDINAL)[0] == [0.0, 1.0, 0.0]
+    nominal = Example("v", {"text": "x"}, {"r1": {"kind": "b"}, "r2": {"kind": "a"}})
+    assert relabel([nominal], ORDINAL, "majority")[0].ratings["majority"] == {"kind": "a"}  # first in the scale
+
+
+def test_per_rater_repeats_the_task_once_per_rater_and_soft_keeps_the_distribution() -> None:
+    ex = Example("t", {"text": "x"}, {"r1": {"q": "1"}, "r2": {"q": "3"}, "r3": {"q": "3"}})
+    per = relabel([ex], ORDINAL, "per_rater")
+    assert [e.task_key for e in per] == ["t#r1", "t#r2", "t#r3"]
+    assert [e.targets(ORDINAL)[0] for e in per] == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
+    [soft] = relabel([ex], ORDINAL, "soft")
+    assert soft.targets(ORDINAL)[0] == [pytest.approx(1 / 3), 0.0, pytest.approx(2 / 3)]
+    with pytest.raises(ValueError, match="label mode"):
+        relabel([ex], ORDINAL, "mean")
+
+
+def _toy_examples(n: int) -> list[Example]:
+    rng = random.Random(1)
+    out = []
+    for t in range(n):
+        positive = t % 2 == 0
+        word = rng.choice(GOOD if positive else BAD)
+        value = "pos" if positive else "neg"
+        out.append(Example(str(t), {"text": " ".join([word] * 20)}, {"ann": {"sentiment": value}}))
+    return out
+
+
+def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tokenizer) -> None:
+    rubric = parse_label_config(CONFIG)
+    examples = _toy_examples(40)
+    # A learning rate this high overshoots after the first epochs: validation loss turns up, training stops.
+    cfg = TrainConfig(epochs=12, lr=0.2, batch_size=4, val_fraction=0.25, patience=2, augment=False,
+                      token_dropout=0.0, lora_r=4, warmup_fraction=0.0, lora_dropout=0.0)
+    model = load_model(str(tiny_model_dir), "none", torch.device("cpu"))
+    peft_model, stats = train_adapter(model, tokenizer, rubric, examples, cfg, torch.device("cpu"))
+    assert stats.best_epoch is not None and len(stats.val_losses) < cfg.epochs, stats.val_losses  # it stopped
+    assert stats.val_losses[stats.best_epoch - 1] == min(stats.val_losses)
+    assert len(stats.val_losses) <= stats.best_epoch + cfg.patience  # stopped after `patience` bad epochs
+    # The model handed back is the best epoch's, not the last one's.
+    train, val = _validation_split(examples, cfg)
+    assert 8 <= len(val) <= 12 and not {e.task_key for e in train} & {e.task_key for e in val}
+    builder = PromptBuilder(tokenizer, rubric, cfg.max_tokens)
+    weights = class_weights(relabel(train, rubric, cfg.label_mode), rubric, cfg.class_balance)
+    final = validation_loss(peft_model, tokenizer, rubric, val, [builder.encode(e.data) for e in val],
+                            [s.token_ids for s in builder.spaces], cfg, torch.device("cpu"), weights)
+    assert final == pytest.approx(min(stats.val_losses), rel=1e-4, abs=1e-5)
+    assert stats.steps == len(stats.val_losses) * 8  # 30 training tasks / batch 4 -> 8 steps an epoch
+
+
+def test_too_few_tasks_train_every_epoch_without_a_validation_split(tiny_model_dir, tokenizer) -> None:
+    cfg = TrainConfig(epochs=2, batch_size=4, val_fraction=0.2, augment=False, token_dropout=0.0, lora_r=4)
+    model = load_model(str(tiny_model_dir), "none", torch.device("cpu"))
+    _, stats = train_adapter(model, tokenizer, parse_label_config(CONFIG), _toy_examples(10), cfg,
+                             torch.device("cpu"))
+    assert stats.val_losses == [] and stats.best_epoch is None and stats.steps == 2 * 3

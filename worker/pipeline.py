@@ -45,6 +45,7 @@ def train_config(settings: Settings, extra: dict[str, Any]) -> TrainConfig:
         epochs=settings.train_epochs, lr=settings.train_lr, batch_size=settings.train_batch_size,
         micro_batch_size=settings.train_micro_batch, lora_layers=settings.lora_layers,
         class_balance=settings.train_class_balance, ordinal_loss=settings.train_ordinal_loss,
+        label_mode=settings.train_label_mode, val_fraction=settings.train_val_fraction, patience=settings.train_patience,
         lora_r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
         targets=settings.lora_targets, token_dropout=settings.token_dropout,
         token_dropout_share=settings.token_dropout_share, seed=settings.seed, max_tokens=settings.max_prompt_tokens,
@@ -110,7 +111,8 @@ def run_training(
         "current_version": served.model_version if served else settings.base_version,
         "train": {"tasks": len(train), "labels": stats.labels_seen // max(cfg.epochs, 1), "steps": stats.steps,
                   "seconds": round(stats.seconds, 1), "samples_per_second": round(stats.samples_per_second, 2),
-                  "final_loss": stats.losses[-1] if stats.losses else None},
+                  "final_loss": stats.losses[-1] if stats.losses else None,
+                  "val_losses": [round(v, 4) for v in stats.val_losses], "best_epoch": stats.best_epoch},
         "heldout_tasks": len(heldout), "config": config_dict(cfg),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
