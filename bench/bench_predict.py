@@ -166,7 +166,7 @@ def product_predict(builder: PromptBuilder, scorer: Scorer, tasks: list[dict[str
     rubric = builder.rubric
     dev = scorer.device
     t0 = time.perf_counter()
-    encoded = [builder.encode(t.get("data") or {}) for t in tasks]
+    encoded = builder.encode_many([t.get("data") or {} for t in tasks])
     t1 = time.perf_counter()
     candidates = [space.token_ids for space in builder.spaces]
     dists = scorer.distributions(encoded, candidates)

@@ -11,6 +11,7 @@ import html
 import random
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,16 +164,20 @@ class PromptBuilder:
         body = "\n\n".join(f"### {name}\n{text}" for name, text in texts)
         return f"{intro}\n\n{body}\n\n### Rubric\n{self._criteria(order)}\n\nAnswer each criterion on its own line."
 
-    def _prefix_ids(self, message: str) -> list[int]:
+    def _render(self, message: str) -> str:
+        """The prompt as text; tokenising it gives exactly what apply_chat_template(tokenize=True) gives."""
         if self.has_chat:
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return list(ids)
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self.tokenizer.encode(message + "\n\nAnswers:\n", add_special_tokens=False)
+            return str(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
+            ))
+        return message + "\n\nAnswers:\n"
+
+    def _bos(self) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        return [] if self.has_chat or bos is None else [bos]
+
+    def _prefix_ids(self, message: str) -> list[int]:
+        return self._bos() + self.tokenizer.encode(self._render(message), add_special_tokens=False)
 
     def _answer_tail(self) -> tuple[list[int], list[int]]:
         ids: list[int] = []
@@ -196,15 +201,42 @@ class PromptBuilder:
                     rng.shuffle(perm)
                     order[i] = tuple(perm)
         raw = [(o.name, object_text(o, data)) for o in objects]
-        tail, reads = self._tail
+        prefix = self._prefix_ids(self._user_message(raw, order))
+        if len(prefix) + len(self._tail[0]) > self.max_tokens:
+            prefix = self._truncated_prefix(raw, order, rng is None)
+        return self._with_tail(prefix, order)
+
+    def encode_many(self, datas: Sequence[dict[str, Any]]) -> list[Encoded]:
+        """encode() for many tasks (serving): one batched tokeniser call, which runs in parallel in Rust.
+
+        Raises TaskDataError for the first task that lacks a field, before anything is tokenised.
+        """
+        order = [tuple(range(len(d.values))) for d in self.rubric.dimensions]
+        raws = [[(o.name, object_text(o, data)) for o in self.rubric.objects] for data in datas]
+        if not raws:
+            return []
+        rendered = [self._render(self._user_message(raw, order)) for raw in raws]
+        ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        out = []
+        for raw, prefix in zip(raws, ids, strict=True):
+            prefix = self._bos() + list(prefix)
+            if len(prefix) + len(self._tail[0]) > self.max_tokens:
+                prefix = self._truncated_prefix(raw, order, True)
+            out.append(self._with_tail(prefix, order))
+        return out
+
+    def _truncated_prefix(self, raw: list[tuple[str, str]], order: list[tuple[int, ...]], cache: bool) -> list[int]:
         key = (tuple(n for n, _ in raw), tuple(order))
-        overhead = self._overheads.get(key) if rng is None else None  # augmented orders are too many to keep
+        overhead = self._overheads.get(key) if cache else None  # augmented orders are too many to keep
         if overhead is None:
             overhead = len(self._prefix_ids(self._user_message([(n, "") for n, _ in raw], order)))
-            if rng is None:
+            if cache:
                 self._overheads[key] = overhead
-        overhead += len(tail)
+        overhead += len(self._tail[0])
         # a cut text gains a marker and may re-tokenise a little longer: keep a small reserve per field
         texts = self._truncate([t for _, t in raw], self.max_tokens - overhead - 8 * len(raw))
-        prefix = self._prefix_ids(self._user_message([(n, t) for (n, _), t in zip(raw, texts, strict=True)], order))
+        return self._prefix_ids(self._user_message([(n, t) for (n, _), t in zip(raw, texts, strict=True)], order))
+
+    def _with_tail(self, prefix: list[int], order: list[tuple[int, ...]]) -> Encoded:
+        tail, reads = self._tail
         return Encoded(prefix + tail, len(prefix), [len(prefix) + r for r in reads], order)

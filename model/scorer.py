@@ -6,6 +6,7 @@ allowed answer tokens: no full-vocabulary logits, one forward pass per task for 
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +33,19 @@ def pad_batch(batch: Sequence[Encoded], pad_id: int, device: torch.device) -> tu
     for row, enc in enumerate(batch):
         ids[row, : len(enc.input_ids)] = torch.tensor(enc.input_ids, dtype=torch.long)
         mask[row, : len(enc.input_ids)] = 1
-    return ids.to(device), mask.to(device)
+    return to_device(ids, device), to_device(mask, device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pinned and asynchronous on CUDA: a copy from pageable memory would wait for all queued GPU work."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _index(token_ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return to_device(torch.tensor(token_ids, dtype=torch.long), device)
 
 
 def answer_logits(
@@ -52,7 +65,7 @@ def answer_logits(
     out = []
     for d, cand in enumerate(candidates):
         h = hidden[rows, read_positions[:, d]]
-        idx = torch.tensor(list(cand), device=hidden.device)
+        idx = _index(tuple(cand), hidden.device)
         weight = head.weight[idx]
         logits = torch.nn.functional.linear(h.to(weight.dtype), weight)
         if getattr(head, "bias", None) is not None:
@@ -85,19 +98,32 @@ class Scorer:
     def distributions(
         self, encoded: Sequence[Encoded], candidates: Sequence[Sequence[int]]
     ) -> list[list[torch.Tensor]]:
+        """Length-sorted batches; batch k+1 is padded and launched before batch k's results are read back,
+        so on a GPU the host-side work overlaps the device's."""
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
         result: list[list[torch.Tensor]] = [[] for _ in encoded]
+        pending: tuple[list[int], list[torch.Tensor]] | None = None
         with self.lock:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
                 batch = [encoded[i] for i in chunk]
                 ids, mask = pad_batch(batch, self.tokenizer.pad_token_id, self.device)
-                reads = torch.tensor([e.read_positions for e in batch], device=self.device)
+                reads = to_device(torch.tensor([e.read_positions for e in batch]), self.device)
                 logits = answer_logits(self.model, ids, mask, reads, candidates)
-                probs = [torch.softmax(lg, dim=-1).cpu() for lg in logits]
-                for row, i in enumerate(chunk):
-                    result[i] = [p[row] for p in probs]
+                launched = (chunk, [torch.softmax(lg, dim=-1) for lg in logits])
+                if pending is not None:
+                    _collect(pending, result)
+                pending = launched
+            if pending is not None:
+                _collect(pending, result)
         return result
+
+
+def _collect(done: tuple[list[int], list[torch.Tensor]], result: list[list[torch.Tensor]]) -> None:
+    chunk, probs = done
+    host = [p.cpu() for p in probs]
+    for row, i in enumerate(chunk):
+        result[i] = [p[row] for p in host]
 
 
 def decode(values: Sequence[str], probs: torch.Tensor, mode: str = "argmax") -> DimensionScore:

@@ -129,7 +129,7 @@ class ModelServer:
         """Valid by construction: every value comes from the dimension's own closed set."""
         base = self.ensure_loaded()
         builder = self.builder(rubric)
-        encoded = [builder.encode(task.get("data") or {}) for task in tasks]  # TaskDataError -> 4xx
+        encoded = builder.encode_many([task.get("data") or {} for task in tasks])  # TaskDataError -> 4xx
         candidates = [space.token_ids for space in builder.spaces]
         assert self._scorer is not None and self._adapters is not None
         with self._scorer.lock:

@@ -72,6 +72,28 @@ def test_cached_layout_encodes_exactly_as_a_fresh_builder(tokenizer) -> None:
         assert warm.encode(data) == PromptBuilder(tokenizer, RUBRIC, 300).encode(data)
 
 
+def test_batched_encoding_equals_one_by_one(tokenizer) -> None:
+    """Serving tokenises a request in one batched call; it must give the training layout token for token."""
+    builder = PromptBuilder(tokenizer, RUBRIC, 300)
+    datas = [TASK["data"], {"question": "q " * 400, "answer": "a long answer " * 300},
+             {"question": "", "answer": "ünïcödé 🙂 \u200f"}, {"question": "x", "answer": "y " * 120}]
+    assert builder.encode_many(datas) == [PromptBuilder(tokenizer, RUBRIC, 300).encode(d) for d in datas]
+    assert max(len(e.input_ids) for e in builder.encode_many(datas)) <= 300
+    assert builder.encode_many([]) == []
+    with pytest.raises(TaskDataError, match="'answer'"):
+        builder.encode_many([TASK["data"], {"question": "q"}])
+
+
+def test_prompt_text_tokenises_as_the_chat_template_does(tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, RUBRIC, 512)
+    message = builder._user_message([("question", "Why?"), ("answer", "Because.")], [(0, 1), (0, 1, 2, 3, 4),
+                                                                                      (0, 1), (0, 1), tuple(range(11))])
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                             tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert builder._prefix_ids(message) == list(expected)
+
+
 @pytest.fixture(scope="module")
 def tiny_base(tiny_model_dir: Path):
     return load_base(str(tiny_model_dir), tiny_model_dir.parent, "none", "cpu")
