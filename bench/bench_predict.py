@@ -350,6 +350,30 @@ def rounds(n: int, batch: int, wanted: int) -> int:
     return max(1, min(wanted, n // max(batch, 1)))
 
 
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from NVIDIA's data sheets; matched on the device name.
+BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+                    "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+
+
+def bf16_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def prefill_flops(config: Any, lengths: list[int]) -> float:
+    """Matmul FLOPs of one forward pass over these sequences: 2 x linear weights per token, plus causal
+    attention (QK^T and AV) 2 x n^2 x heads x head_dim per layer; the output layer is left out (the floor
+    reads one position, the product six rows)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    linear = h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * config.intermediate_size
+    return float(sum(2 * linear * layers * n + 2 * layers * heads * head_dim * n * n for n in lengths))
+
+
 class Clock:
     """Wall and process-CPU seconds per method; methods run interleaved (ABC, CBA, ...) on task chunks so
     that load from other processes on a shared machine hits all of them alike."""
@@ -447,6 +471,11 @@ def run_one(args: argparse.Namespace, quant: str, source: str) -> dict[str, Any]
         if args.profile:
             row["floor_with_tail"] = clock.summary("floor_with_tail", n, sum(len(s) for s in full))
         row["product_over_floor"] = clock.wall["product"] / clock.wall["floor"]
+        peak = bf16_peak_tflops(device)
+        for name, seqs in (("floor", prompts), ("product", full)):
+            tflops = prefill_flops(model.config, [len(x) for x in seqs]) / clock.wall[name] / 1e12
+            row[name]["tflops"] = tflops
+            row[name]["fraction_of_bf16_peak"] = tflops / peak if peak else None
         row["product_over_floor_cpu"] = clock.cpu["product"] / clock.cpu["floor"]
         # 5. invalid outputs
         row["invalid_values"] = sum(invalid_values(rubric, r) for r, _score in results)
@@ -534,9 +563,9 @@ def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| quant | batch | product tasks/s | product ms/task | prompt tok/s | floor ms/task | product/floor "
         "| base a ms/task | a/product | base b tasks/s | b/product | b parse fail | invalid | peak RSS MB "
-        "| CUDA peak MB | load s |"
+        "| CUDA peak MB | load s | floor TFLOP/s (% bf16 peak) | product TFLOP/s (%) |"
     )
-    lines = [head, "|" + "|".join(["---"] * 16) + "|"]
+    lines = [head, "|" + "|".join(["---"] * 18) + "|"]
     for res in results:
         for r in res["rows"]:
             a, b = r.get("baseline_a"), r.get("baseline_b")
@@ -550,12 +579,19 @@ def table(results: list[dict[str, Any]]) -> str:
                     fmt(b and b["tasks_per_s"], ".2f"), ratio(b and b["over_product"], b and b["over_product_cpu"]),
                     "-" if not b else f"{b['parse_failures']}/{r['n_baseline']}",
                     str(r["invalid_values"]), fmt(r["peak_rss_mb"], ".0f"), fmt(r["cuda_peak_mb"], ".0f"),
-                    fmt(res["load_seconds"], ".1f"),
+                    fmt(res["load_seconds"], ".1f"), _tflops(r["floor"]), _tflops(r["product"]),
                 ]) + " |"
             )
     lines.append("")
     lines.append("Ratios: wall-clock (process CPU time in brackets). ms/task and tasks/s are wall-clock.")
     return "\n".join(lines)
+
+
+def _tflops(entry: dict[str, Any]) -> str:
+    if "tflops" not in entry:
+        return "-"
+    frac = entry.get("fraction_of_bf16_peak")
+    return f"{entry['tflops']:.1f}" + (f" ({100 * frac:.0f}%)" if frac else "")
 
 
 def notes(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
