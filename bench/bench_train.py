@@ -1,11 +1,11 @@
 """Training benchmark: the product's trainer against a naive full-sequence-loss LoRA trainer, same data.
 
 Both train LoRA (r=16, alpha=32, all attention and MLP projections unless --lora-layers says otherwise) on
-the same base (NF4 by default) with AdamW, batch 8, on USR-PersonaChat tasks (6 dimensions, 3 raters):
+the same base (NF4 by default) with AdamW, batch 8 (--batch-size), on USR-PersonaChat tasks (6 dimensions, 3 raters):
 
   product   model.training.train_adapter: one sequence per task carrying every dimension, soft targets
             from all its raters, logits only at the answer positions and only for the allowed values,
-            micro-batches of TRAIN_MICRO_BATCH
+            micro-batches of TRAIN_MICRO_BATCH (default: 2 on CPU, the whole batch on CUDA)
   naive     the seed code's way: one sequence per (task, rater) with the answer written as text
             ("Understandable: 1\\n..."), the standard causal-LM loss over the whole sequence (full-vocabulary
             logits at every position), the whole batch in one forward/backward
@@ -59,14 +59,15 @@ def usr_examples() -> tuple[Any, list[Example]]:
 
 
 def run_product(base: Any, rubric: Any, examples: list[Example], args: argparse.Namespace) -> dict[str, Any]:
-    cfg = TrainConfig(epochs=1, batch_size=8, micro_batch_size=args.micro_batch, lora_layers=args.lora_layers,
+    bs = args.batch_size
+    cfg = TrainConfig(epochs=1, batch_size=bs, micro_batch_size=args.micro_batch, lora_layers=args.lora_layers,
                       max_tokens=args.max_tokens, augment=True, seed=0)
     stamps: list[float] = []
-    n = 8 * (args.steps + 1)
+    n = bs * (args.steps + 1)
     train_adapter(base.model, base.tokenizer, rubric, examples[:n], cfg, base.device,
                   progress=lambda _u: (sync(base.device), stamps.append(time.perf_counter())))
     builder = PromptBuilder(base.tokenizer, rubric, args.max_tokens)
-    timed = examples[8:n]
+    timed = examples[bs:n]
     return {
         "seconds": stamps[-1] - stamps[0],
         "sequences": len(timed),
@@ -99,7 +100,7 @@ def run_naive(base: Any, rubric: Any, examples: list[Example], args: argparse.Na
     pad = base.tokenizer.pad_token_id
     stamps = []
     for step in range(args.steps + 1):
-        batch = seqs[step * 8 : (step + 1) * 8]
+        batch = seqs[step * args.batch_size : (step + 1) * args.batch_size]
         width = max(len(s) for s in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -114,7 +115,7 @@ def run_naive(base: Any, rubric: Any, examples: list[Example], args: argparse.Na
         opt.step()
         sync(base.device)
         stamps.append(time.perf_counter())
-    timed = seqs[8 : 8 * (args.steps + 1)]
+    timed = seqs[args.batch_size : args.batch_size * (args.steps + 1)]
     return {"seconds": stamps[-1] - stamps[0], "sequences": len(timed), "annotations": len(timed),
             "tokens": sum(len(s) for s in timed)}
 
@@ -137,7 +138,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     result = (run_product if args.trainer == "product" else run_naive)(base, rubric, examples, args)
     result.update({
         "trainer": args.trainer, "quantization": args.quantization, "lora_layers": args.lora_layers,
-        "micro_batch": args.micro_batch if args.trainer == "product" else 8, "steps": args.steps,
+        "micro_batch": args.micro_batch if args.trainer == "product" else args.batch_size, "steps": args.steps,
+        "batch_size": args.batch_size,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": cuda_peak_mb(device), "machine": machine_info(device),
     })
@@ -166,7 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--runs", default="naive:0,product:0,product:10",
                     help="trainer:lora_layers pairs to run, each in its own process")
     ap.add_argument("--lora-layers", type=int, default=0)
-    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--micro-batch", type=int, default=0, help="0: the product's default (CPU 2, CUDA whole batch)")
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.runs.split(","):
         trainer, layers = spec.split(":")
         cmd = [sys.executable, __file__, "--trainer", trainer, "--lora-layers", layers,
-               "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
+               "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--max-tokens", str(args.max_tokens), "--quantization", args.quantization, "--device", args.device,
                "--base-model", args.base_model, "--synthetic-config", args.synthetic_config,
                "--tokenizer-from", args.tokenizer_from, "--model-dir", str(args.model_dir)]
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = rows[0]["machine"] if rows else {}
     args.out.with_suffix(".md").write_text(
         f"# Training throughput\n\n{meta.get('cpu_model', '')} ({meta.get('cpu_cores')} cores), "
-        f"{meta.get('device')}, torch {meta.get('torch')}, {meta.get('date')}; USR-PersonaChat, batch 8, "
+        f"{meta.get('device')}, torch {meta.get('torch')}, {meta.get('date')}; "
+        f"USR-PersonaChat, batch {args.batch_size}, "
         f"prompts up to {args.max_tokens} tokens, {args.steps} timed steps.\n\n{md}\n"
         + "".join(f"\n- {f}" for f in failures) + ("\n" if failures else ""))
     return 0
