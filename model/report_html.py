@@ -100,7 +100,7 @@ def _colors() -> dict[str, str]:
 def agreement_table(report: dict[str, Any]) -> str:
     head = ("<tr><th>dimension</th><th>level</th><th>items</th><th>raters</th><th>humans α</th>"
             "<th>humans pairwise</th><th>model as rater</th><th>model vs consensus</th>"
-            "<th>model vs each human</th><th>accuracy</th><th>MAE</th></tr>")
+            "<th>model vs each human</th><th>accuracy</th><th>MAE</th><th>human labels</th><th>model answers</th></tr>")
     rows = []
     for key, d in report["dimensions"].items():
         rows.append(
@@ -108,8 +108,18 @@ def agreement_table(report: dict[str, Any]) -> str:
             f"<td class=\"num\">{d['n_raters']}</td>{cell(d['human_alpha'])}{cell(d['human_pairwise_mean'])}"
             f"{cell(d.get('model_alpha_as_rater'))}{cell(d.get('model_vs_consensus'))}"
             f"{cell(d.get('model_vs_each_human_mean'))}{cell(d.get('accuracy_vs_consensus'))}"
-            f"{cell(d.get('mae_vs_consensus'))}</tr>")
+            f"{cell(d.get('mae_vs_consensus'))}{_histogram(d.get('human_histogram'))}"
+            f"{_histogram(d.get('predicted_histogram'))}</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _histogram(hist: dict[str, int] | None, limit: int = 12) -> str:
+    """Counts per value ("pos 30 · neg 2"): a model that answers one value for everything shows at once."""
+    if not hist:
+        return '<td class="na">-</td>'
+    parts = [f"{esc(k)}&nbsp;{v}" for k, v in list(hist.items())[:limit]]
+    more = f" · … {len(hist) - limit} more" if len(hist) > limit else ""
+    return f"<td>{' · '.join(parts)}{more}</td>"
 
 
 def confusion_section(report: dict[str, Any]) -> str:
