@@ -112,10 +112,10 @@ def fmt(entry: dict[str, Any] | None) -> str:
 
 def text_table(report: dict[str, Any]) -> str:
     """A Markdown table of the headline numbers, for the terminal and for pasting into an issue."""
-    rows = ["| dimension | level | items | raters | humans α | model as rater | model vs consensus | acc / MAE |",
-            "|" + "---|" * 8]
+    rows = ["| dimension | level | items | raters | humans α | model as rater | model vs consensus | accuracy | MAE |",
+            "|" + "---|" * 9]
     for key, d in report["dimensions"].items():
-        acc = d.get("accuracy_vs_consensus") or d.get("mae_vs_consensus")
         rows.append(f"| {key} | {d['level']} | {d['n_items']} | {d['n_raters']} | {fmt(d['human_alpha'])} "
-                    f"| {fmt(d.get('model_alpha_as_rater'))} | {fmt(d.get('model_vs_consensus'))} | {fmt(acc)} |")
+                    f"| {fmt(d.get('model_alpha_as_rater'))} | {fmt(d.get('model_vs_consensus'))} "
+                    f"| {fmt(d.get('accuracy_vs_consensus'))} | {fmt(d.get('mae_vs_consensus'))} |")
     return "\n".join(rows)

@@ -169,15 +169,16 @@ def result_values(rubric: Rubric, result: Any) -> dict[str, str]:
     return values
 
 
-def _interval_values(rubric: Rubric, dims: list[DimSpec], ratings: Ratings) -> list[DimSpec]:
-    """Interval dimensions list the numbers actually given (the config's grid may be coarser)."""
+def _interval_values(dims: list[DimSpec], ratings: Ratings) -> list[DimSpec]:
+    """Interval dimensions list the numbers actually given (the config's grid may be coarser or finer)."""
     out = []
     for dim in dims:
         if dim.level == "interval":
             seen = {v for src in (ratings.human, ratings.models) for by_item in src.values()
                     for vals in by_item.values() if (v := vals.get(dim.key)) is not None}
-            numbers = sorted({_float(v) for v in seen | set(dim.values)} - {None})  # type: ignore[type-var]
-            dim = replace(dim, values=tuple(_number_text(x) for x in numbers))  # type: ignore[arg-type]
+            numbers = sorted({x for v in seen if (x := _float(v)) is not None})
+            if numbers:
+                dim = replace(dim, values=tuple(_number_text(x) for x in numbers))
         out.append(dim)
     return out
 
@@ -252,7 +253,7 @@ def from_ls_tasks(tasks: Sequence[dict[str, Any]], label_config: str | None, sou
                 stamp = _iso(pred.get("created_at"))
                 if stamp and (version not in ratings.model_times or stamp < ratings.model_times[version]):
                     ratings.model_times[version] = stamp
-    ratings.dimensions = _interval_values(rubric, ratings.dimensions, ratings)
+    ratings.dimensions = _interval_values(ratings.dimensions, ratings)
     return ratings
 
 
@@ -274,7 +275,7 @@ def _pick(columns: Sequence[str], names: Sequence[str]) -> str | None:
 
 
 def _cell(raw: Any) -> str | None:
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
+    if raw is None or raw == [] or (isinstance(raw, str) and not raw.strip()):
         return None
     if isinstance(raw, list):
         return ",".join(str(v) for v in raw)
@@ -393,7 +394,7 @@ def _assemble(rows: Sequence[dict[str, Any]], cells: list[tuple[str, str, str, s
     if missing:
         raise InputError(f"--model-rater {sorted(missing)} not found among the raters {sorted(ratings.human)}")
     if rubric is not None:
-        ratings.dimensions = _interval_values(rubric, ratings.dimensions, ratings)
+        ratings.dimensions = _interval_values(ratings.dimensions, ratings)
     return ratings
 
 
@@ -485,5 +486,5 @@ def from_store(store: Store, project_id: str) -> Ratings:
             ratings.models.setdefault(pred.model_version, {})[str(pred.task_id)] = values
             when = _stamp(pred.created_at)
             ratings.model_times[pred.model_version] = min(ratings.model_times.get(pred.model_version, when), when)
-    ratings.dimensions = _interval_values(rubric, ratings.dimensions, ratings)
+    ratings.dimensions = _interval_values(ratings.dimensions, ratings)
     return ratings
