@@ -62,8 +62,9 @@ def _ticks(lo: float, hi: float) -> list[float]:
     return [round(first + i * step, 2) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def _legend(items: Sequence[tuple[str, str, bool]], x: float, y: float, width: float) -> tuple[str, float]:
-    """Legend entries wrapped into rows within ``width``; returns the markup and the height used."""
+def _legend(items: Sequence[tuple[str, str, bool]], x: float, y: float, width: float, solid: float = 8
+            ) -> tuple[str, float]:
+    """Legend entries (name, colour, dashed) wrapped into rows within ``width``; returns markup and height."""
     parts, cx, cy = [], x, y
     for name, color, dashed in items:
         item_w = 34 + 7 * len(name)
@@ -71,7 +72,7 @@ def _legend(items: Sequence[tuple[str, str, bool]], x: float, y: float, width: f
             cx, cy = x, cy + 18
         dash = ' stroke-dasharray="4 3"' if dashed else ""
         parts.append(f'<line x1="{_n(cx)}" y1="{_n(cy)}" x2="{_n(cx + 18)}" y2="{_n(cy)}" stroke="{color}" '
-                     f'stroke-width="{2 if dashed else 8}"{dash}/>')
+                     f'stroke-width="{2 if dashed else solid}"{dash}/>')
         parts.append(f'<text x="{_n(cx + 22)}" y="{_n(cy + 4)}" fill="{INK}">{esc(name)}</text>')
         cx += item_w
     return "".join(parts), cy - y + 18
@@ -179,7 +180,7 @@ def line_chart(series: Sequence[Series], x_ticks: Sequence[tuple[float, str]], x
     """Lines with points (and 95% intervals); ``references`` are horizontal dashed lines (name, y, colour)."""
     left, width, height = 56, 460, 220
     legend, legend_h = _legend([(s.name, s.color, s.dashed) for s in series] + [(n, c, True) for n, _, c in references],
-                               8, 12, left + width)
+                               8, 12, left + width, solid=3)
     top = 16 + legend_h
     xs = [x for x, _ in x_ticks] or [0.0, 1.0]
     tx = [math.log2(x) if log_x else x for x in xs]
