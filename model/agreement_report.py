@@ -8,6 +8,7 @@ names scale positions by their values, and adds the per-model-version history.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from model.agreement import dimension_report, model_vs_consensus, model_vs_humans
@@ -88,7 +89,7 @@ def build_report(ratings: Ratings, model: str | None = None, n_boot: int = 1000,
     dims = {d.key: dimension_entry(ratings, d, model, n_boot, seed) for d in ratings.dimensions}
     return {
         "kind": "evaluate",
-        "title": title or f"Agreement report: {ratings.source}",
+        "title": title or f"Agreement report: {Path(ratings.source).name or ratings.source}",
         "source": ratings.source,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "n_items": len(ratings.items),

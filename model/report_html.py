@@ -26,10 +26,12 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 STYLE = """
 body{font-family:system-ui,sans-serif;color:#111827;max-width:1100px;margin:24px auto;padding:0 16px;line-height:1.45}
 h1{font-size:1.5em;margin-bottom:4px}h2{margin-top:32px;border-bottom:1px solid #e5e7eb;padding-bottom:4px}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}th,td{border:1px solid #e5e7eb;padding:3px 8px;
-text-align:left;vertical-align:top}th{background:#f9fafb}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}
+th,td{border:1px solid #e5e7eb;padding:3px 8px;text-align:left;vertical-align:top}th{background:#f9fafb}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .na{color:#6b7280}.meta{color:#4b5563;font-size:13px}.grid{display:flex;flex-wrap:wrap;gap:24px}
-figure{margin:8px 0}figcaption{font-weight:600;margin-bottom:4px}.note{color:#4b5563;font-size:13px;max-width:820px}
+figure{margin:8px 0}.wide{overflow-x:auto}figcaption{font-weight:600;margin-bottom:4px}
+.note{color:#4b5563;font-size:13px;max-width:820px}
 """
 HUMAN_GREY = "#9ca3af"
 SERIES = {
@@ -83,8 +85,11 @@ def agreement_chart(report: dict[str, Any]) -> str:
     keys = list(SERIES) if has_model else ["human_alpha"]
     rows = []
     for key, d in report["dimensions"].items():
-        bars = [Bar(SERIES[k], (d.get(k) or {}).get("value"), _ci(d.get(k)),
-                    (d.get(k) or {}).get("reason") or d.get("model_reason")) for k in keys]
+        bars = [Bar(SERIES[k], (d.get(k) or {}).get("value"), _ci(d.get(k)), (d.get(k) or {}).get("reason"))
+                for k in keys]
+        if "model_reason" in d and len(bars) > 1:  # said once for the model, not once per measure
+            bars[1:] = [Bar(bars[1].series, None, None, d["model_reason"]), *(Bar(b.series, None, None, "")
+                                                                              for b in bars[2:])]
         rows.append(BarRow(d.get("title") or key, bars, (d.get("human_pairwise_mean") or {}).get("value")))
     if not rows:
         return '<p class="na">No dimensions.</p>'
@@ -100,7 +105,7 @@ def _colors() -> dict[str, str]:
 def agreement_table(report: dict[str, Any]) -> str:
     head = ("<tr><th>dimension</th><th>level</th><th>items</th><th>raters</th><th>humans α</th>"
             "<th>humans pairwise</th><th>model as rater</th><th>model vs consensus</th>"
-            "<th>model vs each human</th><th>accuracy</th><th>MAE</th><th>human labels</th><th>model answers</th></tr>")
+            "<th>model vs each human</th><th>accuracy</th><th>MAE</th></tr>")
     rows = []
     for key, d in report["dimensions"].items():
         rows.append(
@@ -108,16 +113,28 @@ def agreement_table(report: dict[str, Any]) -> str:
             f"<td class=\"num\">{d['n_raters']}</td>{cell(d['human_alpha'])}{cell(d['human_pairwise_mean'])}"
             f"{cell(d.get('model_alpha_as_rater'))}{cell(d.get('model_vs_consensus'))}"
             f"{cell(d.get('model_vs_each_human_mean'))}{cell(d.get('accuracy_vs_consensus'))}"
-            f"{cell(d.get('mae_vs_consensus'))}{_histogram(d.get('human_histogram'))}"
-            f"{_histogram(d.get('predicted_histogram'))}</tr>")
-    return f"<table>{head}{''.join(rows)}</table>"
+            f"{cell(d.get('mae_vs_consensus'))}</tr>")
+    return f"<div class=\"wide\"><table>{head}{''.join(rows)}</table></div>"
 
 
-def _histogram(hist: dict[str, int] | None, limit: int = 12) -> str:
-    """Counts per value ("pos 30 · neg 2"): a model that answers one value for everything shows at once."""
-    if not hist:
+def distribution_table(report: dict[str, Any]) -> str:
+    """What the humans chose and what the model answered: a model that answers one value for everything
+    (collapse to the majority) shows at once."""
+    rows = "".join(
+        f"<tr><td>{esc(key)}</td>{_histogram(d.get('human_histogram'), d['level'])}"
+        f"{_histogram(d.get('predicted_histogram'), d['level'])}</tr>" for key, d in report["dimensions"].items())
+    return ("<h2>Labels and answers</h2><div class=\"wide\"><table><tr><th>dimension</th><th>human labels</th>"
+            f"<th>model answers</th></tr>{rows}</table></div>")
+
+
+def _histogram(hist: dict[str, int] | None, level: str, limit: int = 12) -> str:
+    if not hist or not any(hist.values()):
         return '<td class="na">-</td>'
-    parts = [f"{esc(k)}&nbsp;{v}" for k, v in list(hist.items())[:limit]]
+    used = {k: v for k, v in hist.items() if v}
+    if level == "interval":
+        numbers = sorted(float(k) for k in used)
+        return f"<td>{sum(used.values())} values from {numbers[0]:g} to {numbers[-1]:g}</td>"
+    parts = [f"{esc(k)}&nbsp;<b>{v}</b>" for k, v in list(hist.items())[:limit]]
     more = f" · … {len(hist) - limit} more" if len(hist) > limit else ""
     return f"<td>{' · '.join(parts)}{more}</td>"
 
@@ -162,11 +179,17 @@ def agreement_sections(report: dict[str, Any]) -> list[str]:
              "<p class=\"note\">Humans only (no model predictions). The dashed tick is the humans' mean "
              "pairwise α.</p>")
     out = ["<h2>Agreement per dimension</h2>", intro, agreement_chart(report), agreement_table(report),
-           confusion_section(report)]
+           _raters(report), distribution_table(report), confusion_section(report)]
     if len(report.get("versions") or []) > 1:
         out += ["<h2>α by model version</h2>", version_chart(
             report["versions"], "model_vs_consensus", "model vs consensus α on the items each version predicted")]
     return out
+
+
+def _raters(report: dict[str, Any], limit: int = 30) -> str:
+    names = report.get("raters") or []
+    shown = ", ".join(esc(n) for n in names[:limit]) + (f", … {len(names) - limit} more" if len(names) > limit else "")
+    return f"<p class=\"note\">Human raters ({len(names)}): {shown or 'none'}.</p>"
 
 
 def render_evaluate(report: dict[str, Any]) -> str:

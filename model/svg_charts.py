@@ -122,6 +122,8 @@ def alpha_bars(rows: Sequence[BarRow], series: Sequence[str], reference_name: st
 
 def _bar(bar: Bar, y: float, h: float, scale: Scale, color: str, dim: str) -> str:
     zero = scale(0.0)
+    if bar.value is None and bar.reason == "":
+        return ""  # nothing to draw or say (e.g. said once for the row already)
     if bar.value is None:
         return (f'<text class="na" x="{_n(zero + 4)}" y="{_n(y + h - 2)}" fill="{MUTED}" font-size="11">'
                 f'<title>{esc(bar.reason or "undefined")}</title>n/a: {esc(short(bar.reason or "undefined", 60))}'

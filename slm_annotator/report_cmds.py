@@ -74,7 +74,7 @@ def _project_ratings(args: argparse.Namespace, settings: Settings) -> tuple[Any,
     try:
         ratings = from_store(store, args.project)
     except KeyError:
-        raise SystemExit(f"evaluate: unknown project {args.project!r}") from None
+        raise ValueError(f"unknown project {args.project!r}") from None
     served = store.served_adapter(args.project)
     version = served.model_version if served else settings.base_version
     if args.no_model or args.model_version:
@@ -101,7 +101,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ratings = apply_levels(ratings, parse_levels(args.level or []))
         model = args.model_version or model
         report = build_report(ratings, model, args.n_boot, args.seed, args.title or "")
-    except (InputError, ValueError, OSError) as exc:
+    except (InputError, ValueError, OSError) as exc:  # RubricError is a ValueError
         print(f"evaluate: {exc}", flush=True)
         return 2
     json_path, html_path = write_report(args.out, "report", report, render_evaluate(report))

@@ -160,3 +160,22 @@ def test_metrics_expose_store_gauges(live) -> None:
     assert 'slm_training_runs{project="31",status="refused"} 1.0' in text
     assert re.search(r'slm_training_last_finished_timestamp_seconds\{project="31",status="refused"\} \d', text)
     assert "slm_store_up 1.0" in text and "secret" not in text.lower()
+
+
+def test_evaluate_cli_on_a_live_project(live, settings, tmp_path, capsys) -> None:
+    from slm_annotator.cli import main
+
+    _, _, store, _ = live
+    assert main(["evaluate", "--project", "31", "--n-boot", "20", "--out", str(tmp_path / "a")]) == 0
+    stored = _no_nan((tmp_path / "a" / "report.json").read_text())
+    assert stored["model"] == "m-p31-v1"  # the served adapter's stored predictions: no model load
+    assert main(["evaluate", "--project", "31", "--no-model", "--out", str(tmp_path / "b")]) == 0
+    assert _no_nan((tmp_path / "b" / "report.json").read_text())["model"] is None
+    fill(store, "32", n_tasks=8)  # nothing predicted yet: the base model (tiny) predicts now, and it is stored
+    assert main(["evaluate", "--project", "32", "--n-boot", "0", "--out", str(tmp_path / "c")]) == 0
+    fresh = _no_nan((tmp_path / "c" / "report.json").read_text())
+    assert fresh["model"] == settings.base_version
+    assert fresh["dimensions"]["sentiment"]["n_model_predictions"] == 8
+    assert len(store.predictions("32", settings.base_version)) == 8
+    assert main(["evaluate", "--project", "nope", "--out", str(tmp_path / "d")]) == 2
+    assert "unknown project" in capsys.readouterr().out
