@@ -205,7 +205,9 @@ def render_evaluate(report: dict[str, Any]) -> str:
 def render_learning_curve(result: dict[str, Any]) -> str:
     sizes = [p["n_train"] for p in result["points"]]
     ticks = [(float(s), str(s)) for s in sizes]
-    figures = [_curve_figure(result, key, ticks) for key in result["dimensions"]]
+    figures = [_dimension_curve(result, key, ticks) for key in result["dimensions"]]
+    if len(figures) > 1:
+        figures.insert(0, _mean_curve(result, ticks))
     meta = _meta([("data", result.get("dataset")), ("base model", result.get("base_model")),
                   ("test items", result.get("n_test")), ("training items", result.get("n_train_total")),
                   ("seeds", ", ".join(str(s) for s in result.get("seeds", []))),
@@ -219,19 +221,31 @@ def render_learning_curve(result: dict[str, Any]) -> str:
         "<h2>Numbers</h2>", _curve_table(result)], meta)
 
 
-def _curve_figure(result: dict[str, Any], key: str, ticks: list[tuple[float, str]]) -> str:
-    points = result["points"]
-    adapter = Series("adapter", [(float(p["n_train"]), p["dimensions"][key]["adapter"], _tuple(
-        p["dimensions"][key].get("adapter_ci"))) for p in points], PALETTE[0])
-    majority = Series("majority baseline", [(float(p["n_train"]), p["dimensions"][key]["majority"], None)
-                                            for p in points], MUTED, dashed=True)
-    dim = result["dimensions"][key]
-    refs = [(n, v, c) for n, v, c in (("humans, pairwise", dim.get("human_pairwise"), INK),
-                                      ("untrained base", dim.get("base"), PALETTE[3])) if v is not None]
-    return (f"<figure><figcaption>{esc(dim.get('title') or key)}</figcaption>"
-            + line_chart([adapter, majority], ticks, "labelled training items", "α vs each human (mean)",
+def _curve_figure(title: str, ticks: list[tuple[float, str]], adapter: list[tuple[float, float | None, Any]],
+                  majority: list[tuple[float, float | None, Any]], human: float | None, base: float | None) -> str:
+    series = [Series("adapter", adapter, PALETTE[0]), Series("majority baseline", majority, MUTED, dashed=True)]
+    refs = [(n, v, c) for n, v, c in (("humans, pairwise", human, INK), ("untrained base", base, PALETTE[3]))
+            if v is not None]
+    return (f"<figure><figcaption>{esc(title)}</figcaption>"
+            + line_chart(series, ticks, "labelled training items", "α vs each human (mean)",
                          log_x=all(t[0] > 0 for t in ticks), references=refs, chart="learning-curve")
             + "</figure>")
+
+
+def _dimension_curve(result: dict[str, Any], key: str, ticks: list[tuple[float, str]]) -> str:
+    points, dim = result["points"], result["dimensions"][key]
+    adapter = [(float(p["n_train"]), p["dimensions"][key]["adapter"], _tuple(p["dimensions"][key].get("adapter_ci")))
+               for p in points]
+    majority = [(float(p["n_train"]), p["dimensions"][key]["majority"], None) for p in points]
+    return _curve_figure(dim.get("title") or key, ticks, adapter, majority, dim.get("human_pairwise"), dim.get("base"))
+
+
+def _mean_curve(result: dict[str, Any], ticks: list[tuple[float, str]]) -> str:
+    points = result["points"]
+    return _curve_figure("mean over dimensions", ticks,
+                         [(float(p["n_train"]), p.get("adapter_mean"), None) for p in points],
+                         [(float(p["n_train"]), p.get("majority_mean"), None) for p in points],
+                         result.get("human_pairwise_mean"), result.get("base_mean"))
 
 
 def _tuple(ci: Any) -> tuple[float, float] | None:
