@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from model.agreement import dimension_report, model_vs_consensus, model_vs_humans
+from model.agreement import alpha, bootstrap_ci, dimension_report, model_vs_consensus, model_vs_humans
 from model.annotations_io import DimSpec, Ratings
 
 MODEL_KEYS = ("model_alpha_as_rater", "model_vs_consensus", "model_vs_each_human_mean", "model_vs_each_human",
@@ -44,14 +44,24 @@ def dimension_entry(ratings: Ratings, dim: DimSpec, model: str | None, n_boot: i
     names, human = ratings.matrix(dim, items)
     row = ratings.model_row(model, dim, items) if model else [None] * len(items)
     has_model = any(v is not None for v in row)
-    rep = dimension_report(human, row, dim.level, dim.domain, n_boot=n_boot if items else 0, seed=seed,
+    rep = dimension_report(human, row, dim.level, dim.domain, n_boot=n_boot if has_model else 0, seed=seed,
                            rater_names=names)
     if not has_model:
         for key in MODEL_KEYS:
             rep.pop(key, None)
         rep["model_reason"] = "no model" if not model else f"{model} predicted none of the rated items"
+        rep["human_alpha"]["ci"] = _human_ci(human, dim, n_boot, seed) if rep["human_alpha"]["value"] is not None \
+            else None
     rep.update(title=dim.title or dim.key, values=list(dim.values), raters=names)
     return _rename(dim, rep)
+
+
+def _human_ci(human: list[list[float | None]], dim: DimSpec, n_boot: int, seed: int) -> list[float] | None:
+    """The humans' interval alone (what dimension_report computes, without the model's three)."""
+    n = len(human[0]) if human else 0
+    ci = bootstrap_ci(lambda idx: alpha([[row[i] for i in idx] for row in human], dim.level, dim.domain).value,
+                      n, n_boot, seed)
+    return list(ci) if ci else None
 
 
 def version_history(ratings: Ratings) -> list[dict[str, Any]]:
