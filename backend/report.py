@@ -21,6 +21,7 @@ from slm_annotator.project_report import build_project_report
 bp = Blueprint("report", __name__)
 CACHE_SECONDS = 30.0
 MAX_BOOT = 1000
+MAX_CACHED = 64
 _cache: dict[tuple[str, int | None], tuple[int, float, dict[str, Any]]] = {}
 _lock = threading.Lock()
 
@@ -49,6 +50,8 @@ def _report(project: str) -> dict[str, Any]:
     report = build_project_report(svc.store, pid, svc.settings.base_version, key[1])
     report["json_url"] = f"/report/{pid}.json"
     with _lock:
+        if len(_cache) >= MAX_CACHED:
+            _cache.clear()
         _cache[key] = (seq, time.monotonic() + CACHE_SECONDS, report)
     return report
 

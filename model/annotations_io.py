@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
 from backend.payloads import annotator_of
@@ -23,8 +23,10 @@ from model.agreement import LEVELS, Level
 from model.devdata import DevItem, DevSet
 from model.results import _nearest, values_from_result
 from model.rubric import Rubric, RubricError, parse_label_config
-from slm_annotator.store import Store
 from worker.importer import _result_item
+
+if TYPE_CHECKING:
+    from slm_annotator.store import Store
 
 ITEM_COLUMNS = ("item", "item_id", "task_id", "task", "id")
 RATER_COLUMNS = ("rater", "annotator", "annotator_id", "completed_by")

@@ -22,11 +22,14 @@ def write_report(out: Path, name: str, data: dict[str, Any], html: str) -> tuple
     return json_path, html_path
 
 
+def _names(raw: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (raw or "").split(",") if x.strip())
+
+
 def _row_options(args: argparse.Namespace) -> Any:
     from model.annotations_io import RowOptions
 
-    split = lambda raw: tuple(x.strip() for x in (raw or "").split(",") if x.strip())  # noqa: E731
-    return RowOptions(split(args.dimensions), args.dimension, split(args.model_rater))
+    return RowOptions(_names(args.dimensions), args.dimension, _names(args.model_rater))
 
 
 def _file_ratings(args: argparse.Namespace) -> Any:
