@@ -22,7 +22,7 @@ from backend.payloads import annotator_of
 from model.agreement import LEVELS, Level
 from model.devdata import DevItem, DevSet
 from model.results import _nearest, values_from_result
-from model.rubric import Rubric, RubricError, parse_label_config
+from model.rubric import Rubric, RubricError, _fmt_number, parse_label_config
 from worker.importer import _result_item
 
 if TYPE_CHECKING:
@@ -155,10 +155,6 @@ def _float(value: Any) -> float | None:
         return None
 
 
-def _number_text(x: float) -> str:
-    return str(int(x)) if x.is_integer() else repr(x)
-
-
 def result_values(rubric: Rubric, result: Any) -> dict[str, str]:
     """Values of an LS result; numbers as given, not snapped to the prediction grid (exact interval data)."""
     values = values_from_result(rubric, result)
@@ -167,7 +163,7 @@ def result_values(rubric: Rubric, result: Any) -> dict[str, str]:
         if isinstance(item, dict) and item.get("from_name") in numbers:
             raw = (item.get("value") or {}).get("number")
             if isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw):
-                values[numbers[item["from_name"]]] = _number_text(float(raw))
+                values[numbers[item["from_name"]]] = _fmt_number(float(raw))
     return values
 
 
@@ -180,7 +176,7 @@ def _interval_values(dims: list[DimSpec], ratings: Ratings) -> list[DimSpec]:
                     for vals in by_item.values() if (v := vals.get(dim.key)) is not None}
             numbers = sorted({x for v in seen if (x := _float(v)) is not None})
             if numbers:
-                dim = replace(dim, values=tuple(_number_text(x) for x in numbers))
+                dim = replace(dim, values=tuple(_fmt_number(x) for x in numbers))
         out.append(dim)
     return out
 
@@ -316,13 +312,13 @@ def _infer_dim(key: str, values: set[str]) -> DimSpec:
     if values and all(x is not None and math.isfinite(x) for x in numbers.values()):
         canon = sorted({float(x) for x in numbers.values() if x is not None})
         integer = all(x.is_integer() for x in canon) and len(canon) <= MAX_INTEGER_SCALE
-        return DimSpec(key, "ordinal" if integer else "interval", tuple(_number_text(x) for x in canon), key)
+        return DimSpec(key, "ordinal" if integer else "interval", tuple(_fmt_number(x) for x in canon), key)
     return DimSpec(key, "nominal", tuple(sorted(values)), key)
 
 
 def _canonical(dim: DimSpec, value: str) -> str:
     x = _float(value)
-    return _number_text(x) if dim.level != "nominal" and x is not None else value
+    return _fmt_number(x) if dim.level != "nominal" and x is not None else value
 
 
 def _rubric_cells(rubric: Rubric, cells: list[tuple[str, str, str, str | None]]
@@ -459,7 +455,8 @@ def to_devset(ratings: Ratings, name: str) -> DevSet:
 # -- a live project --------------------------------------------------------------------------------------
 
 
-def _stamp(when: datetime | None) -> str:
+def iso_stamp(when: datetime | None) -> str:
+    """A stored (naive UTC) time as ISO 8601 with Z; "" when unknown."""
     return when.isoformat(timespec="seconds") + "Z" if when else ""
 
 
@@ -486,7 +483,7 @@ def from_store(store: Store, project_id: str) -> Ratings:
                   if k in dims and (dims[k].level == "interval" or str(v) in dims[k].values)}
         if values:
             ratings.models.setdefault(pred.model_version, {})[str(pred.task_id)] = values
-            when = _stamp(pred.created_at)
+            when = iso_stamp(pred.created_at)
             ratings.model_times[pred.model_version] = min(ratings.model_times.get(pred.model_version, when), when)
     ratings.dimensions = _interval_values(ratings.dimensions, ratings)
     return ratings

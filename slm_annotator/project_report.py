@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from model.agreement_report import build_report
-from model.annotations_io import Ratings, from_store
+from model.annotations_io import Ratings, from_store, iso_stamp
 from model.rubric import RubricError
 from slm_annotator.schema import AdapterVersion, TrainingRun
 from slm_annotator.store import Store
@@ -18,7 +18,7 @@ AUTO_BOOT = 100
 
 
 def _iso(when: datetime | None) -> str | None:
-    return when.isoformat(timespec="seconds") + "Z" if when else None
+    return iso_stamp(when) or None
 
 
 def adapter_entry(a: AdapterVersion) -> dict[str, Any]:
