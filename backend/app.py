@@ -15,7 +15,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from backend import metrics
 from backend.errors import ApiError
 from backend.protocol import bp as protocol_bp
+from backend.report import bp as report_bp
 from backend.services import Services, build_services
+from backend.store_metrics import StoreCollector
 from slm_annotator.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     svc = services or build_services(settings)
     app.extensions["slm"] = svc
     app.register_blueprint(protocol_bp)
+    app.register_blueprint(report_bp)
+    store_metrics = StoreCollector(svc.store)
 
     @app.before_request
     def _auth_and_timer() -> Any:
@@ -95,7 +99,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.get("/metrics")
     def _metrics() -> Any:
-        body, content_type = metrics.render()
+        body, content_type = metrics.render(store_metrics)
         return Response(body, 200, {"Content-Type": content_type})
 
     _start_flusher(svc)

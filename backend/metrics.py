@@ -13,6 +13,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.registry import Collector
 
 REQUESTS = Counter("slm_requests_total", "HTTP requests", ["endpoint", "method", "status"])
 LATENCY = Histogram(
@@ -29,9 +30,17 @@ TRAININGS_QUEUED = Counter("slm_training_triggers_total", "Training triggers by 
 REJECTED = Counter("slm_overload_rejections_total", "Predict requests refused with 503 under overload")
 
 
-def render() -> tuple[bytes, str]:
+def render(*extra: Collector) -> tuple[bytes, str]:
+    """This process's (or all gunicorn processes') metrics, then ``extra`` collectors (e.g. the store's)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        body = generate_latest(registry)
+    else:
+        body = generate_latest()
+    if extra:
+        registry = CollectorRegistry(auto_describe=False)
+        for collector in extra:
+            registry.register(collector)
+        body += generate_latest(registry)
+    return body, CONTENT_TYPE_LATEST

@@ -1,4 +1,4 @@
-"""`slm-annotator`: serve the backend, run the worker, train, sync, list and roll back adapters."""
+"""`slm-annotator`: serve the backend, run the worker, train, sync, list and roll back adapters, report agreement."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from slm_annotator.report_cmds import add_parsers as add_report_parsers
 from slm_annotator.settings import Settings, load_settings
 
 
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--skip-base", action="store_true", help="do not evaluate the untrained base model")
     exp.add_argument("--out", type=Path, default=Path("experiments"))
     exp.set_defaults(func=cmd_experiment)
+    add_report_parsers(sub)  # evaluate, learning-curve
     return parser
 
 

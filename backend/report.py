@@ -1,0 +1,68 @@
+"""GET /report/<project> (HTML) and /report/<project>.json: a project's live agreement report.
+
+Reads the store only, never the model, so it is safe to open while the backend serves predictions. The page
+is cached per process for a few seconds and until a label changes (bootstrap intervals cost seconds).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from backend.errors import ApiError
+from backend.payloads import project_id
+from backend.services import Services
+from model.report_html import CSP, render_project
+from slm_annotator.project_report import build_project_report
+
+bp = Blueprint("report", __name__)
+CACHE_SECONDS = 30.0
+MAX_BOOT = 1000
+MAX_CACHED = 64
+_cache: dict[tuple[str, int | None], tuple[int, float, dict[str, Any]]] = {}
+_lock = threading.Lock()
+
+
+def _n_boot() -> int | None:
+    raw = request.args.get("n_boot")
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) > MAX_BOOT:
+        raise ApiError(400, f"n_boot must be an integer from 0 to {MAX_BOOT}")
+    return int(raw)
+
+
+def _report(project: str) -> dict[str, Any]:
+    svc: Services = current_app.extensions["slm"]
+    pid = project_id(project)
+    stored = svc.store.project(pid)
+    if stored is None:
+        raise ApiError(404, f"unknown project {pid!r}: nothing is stored for it (connect it in Label Studio, "
+                            "or import labels with `slm-annotator train --data`)")
+    key, seq = (pid, _n_boot()), stored.label_seq
+    with _lock:
+        hit = _cache.get(key)
+    if hit and hit[0] == seq and time.monotonic() < hit[1]:
+        return hit[2]
+    report = build_project_report(svc.store, pid, svc.settings.base_version, key[1])
+    report["json_url"] = f"/report/{pid}.json"
+    with _lock:
+        if len(_cache) >= MAX_CACHED:
+            _cache.clear()
+        _cache[key] = (seq, time.monotonic() + CACHE_SECONDS, report)
+    return report
+
+
+@bp.get("/report/<project>.json")
+def report_json(project: str) -> Any:
+    return jsonify(_report(project))
+
+
+@bp.get("/report/<project>")
+def report_page(project: str) -> Any:
+    html = render_project(_report(project))
+    return Response(html, 200, {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": CSP,
+                                "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})

@@ -1,0 +1,69 @@
+"""Per-project gauges read from the store at scrape time: labels stored, served adapter version, its held-out
+model-vs-human alpha per dimension, and training runs by outcome.
+
+A collector rather than gauges set in request handlers: gunicorn runs several processes and the worker is
+another one, but the store is the one place that always knows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from slm_annotator.store import Store
+
+log = logging.getLogger(__name__)
+ALPHA_MEASURES = {"alpha_model_vs_consensus": "model_vs_consensus", "alpha_model_as_rater": "model_as_rater"}
+
+
+class StoreCollector(Collector):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily("slm_store_up", "1 if the label store could be read for this scrape")
+        try:
+            families = self._families()
+        except Exception:  # a scrape must still answer (and say the store is down)
+            log.exception("reading the store for /metrics failed")
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _families(self) -> list[GaugeMetricFamily]:
+        labels = GaugeMetricFamily("slm_project_labels", "Active labels stored (not deleted or cancelled)",
+                                   labels=["project"])
+        version = GaugeMetricFamily("slm_served_adapter_version", "Adapter version served (0: the base model)",
+                                    labels=["project"])
+        alpha = GaugeMetricFamily("slm_model_human_alpha", "Held-out Krippendorff alpha of the served adapter "
+                                  "against the human labels, per dimension", labels=["project", "dimension", "measure"])
+        runs = GaugeMetricFamily("slm_training_runs", "Training runs by outcome", labels=["project", "status"])
+        last = GaugeMetricFamily("slm_training_last_finished_timestamp_seconds",
+                                 "When the latest finished training run ended, by its outcome",
+                                 labels=["project", "status"])
+        for project in self.store.projects():
+            pid = project.id
+            labels.add_metric([pid], self.store.count_labels(pid))
+            served = self.store.served_adapter(pid)
+            version.add_metric([pid], served.version if served else 0)
+            dims = (((served.metrics or {}).get("new") or {}).get("dimensions") or {}) if served else {}
+            for dim, values in dims.items():
+                for key, measure in ALPHA_MEASURES.items():
+                    if isinstance(values.get(key), int | float):
+                        alpha.add_metric([pid, str(dim), measure], float(values[key]))
+            history = self.store.runs(pid)
+            for status, count in sorted(Counter(r.status for r in history).items()):
+                runs.add_metric([pid, status], count)
+            finished = [r for r in history if r.finished_at is not None]
+            if finished:
+                latest = max(finished, key=lambda r: r.finished_at)  # type: ignore[arg-type,return-value]
+                last.add_metric([pid, latest.status], latest.finished_at.timestamp())  # type: ignore[union-attr]
+        return [labels, version, alpha, runs, last]

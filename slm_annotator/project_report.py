@@ -1,0 +1,81 @@
+"""A live project's report from the store alone (never the model): labels, agreement of the stored
+predictions with the stored labels, each adapter's held-out agreement over time, and the training runs.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from model.agreement_report import build_report
+from model.annotations_io import Ratings, from_store, iso_stamp
+from model.rubric import RubricError
+from slm_annotator.schema import AdapterVersion, TrainingRun
+from slm_annotator.store import Store
+
+AUTO_BOOT_ITEMS = 500  # above this many items the page skips bootstrap intervals (ask for them with ?n_boot=)
+AUTO_BOOT = 100
+
+
+def _iso(when: datetime | None) -> str | None:
+    return iso_stamp(when) or None
+
+
+def adapter_entry(a: AdapterVersion) -> dict[str, Any]:
+    """One adapter with the held-out agreement the training job measured for it (``worker.pipeline``)."""
+    new = (a.metrics or {}).get("new") or {}
+    dims = {
+        key: {"model_vs_consensus": d.get("alpha_model_vs_consensus"), "model_as_rater": d.get("alpha_model_as_rater"),
+              "accuracy": d.get("accuracy_vs_consensus"), "n_items": d.get("n_items"), "reason": d.get("reason")}
+        for key, d in (new.get("dimensions") or {}).items()
+    }
+    return {
+        "version": a.version, "model_version": a.model_version, "label": f"v{a.version}", "status": a.status,
+        "created_at": _iso(a.created_at), "promoted_at": _iso(a.promoted_at), "score": new.get("score"),
+        "score_kind": new.get("score_kind"), "current_score": ((a.metrics or {}).get("current") or {}).get("score"),
+        "replaced": (a.metrics or {}).get("current_version"), "mean_alpha": new.get("mean_alpha"),
+        "train_tasks": ((a.metrics or {}).get("train") or {}).get("tasks"),
+        "heldout_tasks": (a.metrics or {}).get("heldout_tasks"), "dimensions": dims,
+    }
+
+
+def run_entry(r: TrainingRun) -> dict[str, Any]:
+    return {"id": r.id, "trigger": r.trigger, "status": r.status, "started_at": _iso(r.started_at),
+            "finished_at": _iso(r.finished_at), "n_train": r.n_train, "n_heldout": r.n_heldout,
+            "error": (r.error or "").strip().splitlines()[-1][:300] if r.error else ""}
+
+
+def pick_model(ratings: Ratings, served: str | None) -> str | None:
+    """The served version's stored predictions if it has any, else the latest version that has some."""
+    return served if served in ratings.models else ratings.latest_model()
+
+
+def auto_boot(n_items: int) -> int:
+    return AUTO_BOOT if n_items <= AUTO_BOOT_ITEMS else 0
+
+
+def build_project_report(store: Store, project_id: str, base_version: str, n_boot: int | None = None,
+                         seed: int = 0) -> dict[str, Any]:
+    """Raises KeyError for an unknown project."""
+    project = store.project(project_id)
+    if project is None:
+        raise KeyError(project_id)
+    served = store.served_adapter(project_id)
+    served_version = served.model_version if served else base_version
+    report: dict[str, Any] = {"kind": "project", "generated_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    try:
+        ratings: Ratings | None = from_store(store, project_id)
+    except RubricError as exc:
+        ratings, report["agreement_reason"] = None, f"no usable label config yet: {exc}"
+    if ratings is not None:
+        model = pick_model(ratings, served_version)
+        boot = auto_boot(len(ratings.items)) if n_boot is None else n_boot
+        report["agreement"] = build_report(ratings, model, boot, seed, title=f"project {project_id}")
+    report["project"] = {
+        "id": project_id, "served": served_version, "labels": store.count_labels(project_id),
+        "tasks": len(ratings.items) if ratings else 0, "raters": len(ratings.raters) if ratings else 0,
+        "pending": store.pending_changes(project_id),
+    }
+    report["adapters"] = [adapter_entry(a) for a in store.adapters(project_id)]
+    report["runs"] = [run_entry(r) for r in store.runs(project_id)]
+    return report
