@@ -76,7 +76,7 @@ def environment(args: argparse.Namespace, model_dir: Path, base: str, redis_url:
            "DEVICE": args.device, "REDIS_URL": redis_url, "TRAIN_THRESHOLD": str(args.labels),
            "MAX_PROMPT_TOKENS": str(args.max_tokens), "PREDICT_BATCH_SIZE": str(args.predict_batch)}
     for key, value in (("TRAIN_EPOCHS", args.epochs), ("LORA_LAYERS", args.lora_layers),
-                       ("TRAIN_BATCH_SIZE", args.train_batch)):
+                       ("TRAIN_BATCH_SIZE", args.train_batch), ("PROMOTION_TOLERANCE", args.promotion_tolerance)):
         if value is not None:
             env[key] = str(value)
     return env
@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_tasks": train.get("tasks"), "train_steps": train.get("steps"),
         "train_samples_per_second": train.get("samples_per_second"), "heldout_tasks": metrics.get("heldout_tasks"),
         "recipe": {k: (metrics.get("config") or {}).get(k) for k in ("epochs", "lora_layers", "batch_size", "lr")},
+        "promotion_tolerance": settings.promotion_tolerance,
         "machine": machine_info(device),
     }
     if device.type == "cuda":
@@ -187,6 +188,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="TRAIN_EPOCHS (default: the product's)")
     ap.add_argument("--lora-layers", type=int, default=None, help="LORA_LAYERS (default: the product's)")
     ap.add_argument("--train-batch", type=int, default=None, help="TRAIN_BATCH_SIZE (default: the product's)")
+    ap.add_argument("--promotion-tolerance", type=float, default=None,
+                    help="PROMOTION_TOLERANCE (a random synthetic model's gate is a coin toss; 1 serves it)")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loop")
     args = ap.parse_args()

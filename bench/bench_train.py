@@ -61,11 +61,26 @@ def usr_examples() -> tuple[Any, list[Example]]:
 def run_product(base: Any, rubric: Any, examples: list[Example], args: argparse.Namespace) -> dict[str, Any]:
     bs = args.batch_size
     cfg = TrainConfig(epochs=1, batch_size=bs, micro_batch_size=args.micro_batch, lora_layers=args.lora_layers,
-                      max_tokens=args.max_tokens, augment=True, seed=0)
+                      max_tokens=args.max_tokens, augment=True, seed=0, lora_dropout=args.lora_dropout,
+                      targets=tuple(args.lora_targets.split(",")))
     stamps: list[float] = []
     n = bs * (args.steps + 1)
-    train_adapter(base.model, base.tokenizer, rubric, examples[:n], cfg, base.device,
-                  progress=lambda _u: (sync(base.device), stamps.append(time.perf_counter())))
+
+    def tick(_update: dict[str, Any]) -> None:
+        sync(base.device)
+        stamps.append(time.perf_counter())
+        if args.profile and len(stamps) == 2:
+            prof.start()
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if base.device.type == "cuda" else [])
+    prof = profile(activities=activities)
+    train_adapter(base.model, base.tokenizer, rubric, examples[:n], cfg, base.device, progress=tick)
+    if args.profile:
+        prof.stop()
+        key = "cuda_time_total" if base.device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25), file=sys.stderr)
     builder = PromptBuilder(base.tokenizer, rubric, args.max_tokens)
     timed = examples[bs:n]
     return {
@@ -139,6 +154,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     result.update({
         "trainer": args.trainer, "quantization": args.quantization, "lora_layers": args.lora_layers,
         "micro_batch": args.micro_batch if args.trainer == "product" else args.batch_size, "steps": args.steps,
+        "lora_dropout": args.lora_dropout, "lora_targets": args.lora_targets,
         "batch_size": args.batch_size,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": cuda_peak_mb(device), "machine": machine_info(device),
@@ -150,16 +166,23 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     naive = next((r for r in rows if r["trainer"] == "naive"), None)
-    lines = ["| trainer | quant | LoRA layers | s/step | annotations/s | sequences/s | prompt tok/s | peak RSS MB "
-             "| peak GPU MB | vs naive |", "|" + "---|" * 10]
+    lines = ["| trainer | quant | batch | LoRA layers (targets, dropout) | s/step | annotations/s | sequences/s "
+             "| prompt tok/s | peak RSS MB "
+             "| peak GPU MB | vs naive |", "|" + "---|" * 11]
     for r in rows:
         step = r["seconds"] / r["steps"]
         speed = f"{r['annotations_per_s'] / naive['annotations_per_s']:.2f}x" if naive else "-"
         gpu = f"{r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") else "-"
-        lines.append(f"| {r['trainer']} | {r['quantization']} | {r['lora_layers'] or 'all'} | {step:.2f} "
+        lora = f"{r['lora_layers'] or 'all'} ({_targets(r.get('lora_targets'))}, {r.get('lora_dropout', 0.05)})"
+        lines.append(f"| {r['trainer']} | {r['quantization']} | {r.get('batch_size', 8)} | {lora} | {step:.2f} "
                      f"| {r['annotations_per_s']:.2f} | {r['sequences_per_s']:.2f} | {r['tokens_per_s']:.0f} "
                      f"| {r['peak_rss_mb']:.0f} | {gpu} | {speed} |")
     return "\n".join(lines)
+
+
+def _targets(targets: str | None) -> str:
+    names = (targets or ",".join(TrainConfig.targets)).split(",")
+    return "all 7 projections" if set(names) == set(TrainConfig.targets) else "+".join(names)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -170,6 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lora-layers", type=int, default=0)
     ap.add_argument("--micro-batch", type=int, default=0, help="0: the product's default (CPU 2, CUDA whole batch)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lora-dropout", type=float, default=TrainConfig.lora_dropout)
+    ap.add_argument("--lora-targets", default=",".join(TrainConfig.targets))
+    ap.add_argument("--profile", action="store_true", help="torch profiler over the timed steps (to stderr)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
@@ -197,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
                "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--max-tokens", str(args.max_tokens), "--quantization", args.quantization, "--device", args.device,
                "--base-model", args.base_model, "--synthetic-config", args.synthetic_config,
-               "--tokenizer-from", args.tokenizer_from, "--model-dir", str(args.model_dir)]
+               "--tokenizer-from", args.tokenizer_from, "--model-dir", str(args.model_dir),
+               "--lora-dropout", str(args.lora_dropout), "--lora-targets", args.lora_targets]
+        cmd += ["--profile"] if args.profile else []
         done = subprocess.run(cmd, capture_output=True, text=True)
+        if args.profile:
+            print(done.stderr[-12000:], file=sys.stderr)
         found = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if done.returncode != 0 or not found:
             why = "killed (SIGKILL: out of memory?)" if done.returncode == -9 else f"failed (rc {done.returncode})"

@@ -142,9 +142,10 @@ class PromptBuilder:
             lines.append(f"- {dim.title} ({scale}).{desc}")
         return "\n".join(lines)
 
-    def _truncate(self, texts: list[str], budget: int) -> list[str]:
+    def _truncate(self, texts: list[str], budget: int, encoded: list[list[int]] | None = None) -> list[str]:
         """Water-fill the token budget over the texts so one long field cannot crowd out the others."""
-        encoded = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        if encoded is None:
+            encoded = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         caps = [len(e) for e in encoded]
         if sum(caps) <= budget:
             return texts
@@ -207,34 +208,47 @@ class PromptBuilder:
         return self._with_tail(prefix, order)
 
     def encode_many(self, datas: Sequence[dict[str, Any]]) -> list[Encoded]:
-        """encode() for many tasks (serving): one batched tokeniser call, which runs in parallel in Rust.
+        """encode() for many tasks (serving): batched tokeniser calls, which run in parallel in Rust.
 
         Raises TaskDataError for the first task that lacks a field, before anything is tokenised.
         """
         order = [tuple(range(len(d.values))) for d in self.rubric.dimensions]
         raws = [[(o.name, object_text(o, data)) for o in self.rubric.objects] for data in datas]
-        if not raws:
-            return []
-        rendered = [self._render(self._user_message(raw, order)) for raw in raws]
-        ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        out = []
-        for raw, prefix in zip(raws, ids, strict=True):
-            prefix = self._bos() + list(prefix)
-            if len(prefix) + len(self._tail[0]) > self.max_tokens:
-                prefix = self._truncated_prefix(raw, order, True)
-            out.append(self._with_tail(prefix, order))
-        return out
+        prefixes = self._tokenize([self._render(self._user_message(raw, order)) for raw in raws])
+        long = [i for i, ids in enumerate(prefixes) if len(ids) + len(self._tail[0]) > self.max_tokens]
+        if long:  # cut the texts of over-long tasks, all in one more pair of batched calls
+            texts = [t for i in long for _, t in raws[i]]
+            pieces = iter(self._tokenize(texts, bos=False))
+            cut = []
+            for i in long:
+                raw = raws[i]
+                budget = self._text_budget(raw, order)
+                kept = self._truncate([t for _, t in raw], budget, [next(pieces) for _ in raw])
+                cut.append(self._render(self._user_message([(n, t) for (n, _), t in zip(raw, kept, strict=True)],
+                                                           order)))
+            for i, ids in zip(long, self._tokenize(cut), strict=True):
+                prefixes[i] = ids
+        return [self._with_tail(prefix, order) for prefix in prefixes]
 
-    def _truncated_prefix(self, raw: list[tuple[str, str]], order: list[tuple[int, ...]], cache: bool) -> list[int]:
+    def _tokenize(self, texts: list[str], bos: bool = True) -> list[list[int]]:
+        if not texts:
+            return []
+        head = self._bos() if bos else []
+        return [head + list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def _text_budget(self, raw: list[tuple[str, str]], order: list[tuple[int, ...]], cache: bool = True) -> int:
+        """Tokens left for the texts once the layout around them and the answer tail are counted."""
         key = (tuple(n for n, _ in raw), tuple(order))
         overhead = self._overheads.get(key) if cache else None  # augmented orders are too many to keep
         if overhead is None:
             overhead = len(self._prefix_ids(self._user_message([(n, "") for n, _ in raw], order)))
             if cache:
                 self._overheads[key] = overhead
-        overhead += len(self._tail[0])
         # a cut text gains a marker and may re-tokenise a little longer: keep a small reserve per field
-        texts = self._truncate([t for _, t in raw], self.max_tokens - overhead - 8 * len(raw))
+        return self.max_tokens - overhead - len(self._tail[0]) - 8 * len(raw)
+
+    def _truncated_prefix(self, raw: list[tuple[str, str]], order: list[tuple[int, ...]], cache: bool) -> list[int]:
+        texts = self._truncate([t for _, t in raw], self._text_budget(raw, order, cache))
         return self._prefix_ids(self._user_message([(n, t) for (n, _), t in zip(raw, texts, strict=True)], order))
 
     def _with_tail(self, prefix: list[int], order: list[tuple[int, ...]]) -> Encoded:
