@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -52,23 +54,30 @@ class AdapterSet:
         if ref.name not in self.loaded:
             self._load(ref)
         self.loaded.move_to_end(ref.name)
-        self.model.set_adapter(ref.name)
+        self.model.set_adapter(slot_name(ref.name))
         return self.model
 
     def _load(self, ref: AdapterRef) -> None:
         from peft import PeftModel
 
+        slot = slot_name(ref.name)
         if self.model is self.base_model:
-            self.model = PeftModel.from_pretrained(self.base_model, str(ref.path), adapter_name=ref.name)
+            self.model = PeftModel.from_pretrained(self.base_model, str(ref.path), adapter_name=slot)
         else:
-            self.model.load_adapter(str(ref.path), adapter_name=ref.name)
+            self.model.load_adapter(str(ref.path), adapter_name=slot)
         self.model.eval()
         self.loaded[ref.name] = ref.path
         while len(self.loaded) > self.capacity:
             oldest, _ = self.loaded.popitem(last=False)
-            self.model.set_adapter(ref.name)
-            self.model.delete_adapter(oldest)
+            self.model.set_adapter(slot)
+            self.model.delete_adapter(slot_name(oldest))
             log.info("evicted adapter %s", oldest)
+
+
+def slot_name(model_version: str) -> str:
+    """peft adapter names become module names: no dots (a base called "Qwen3-1.7B" has one in every version)."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", model_version)
+    return f"{safe}_{hashlib.sha1(model_version.encode()).hexdigest()[:8]}"
 
 
 class ModelServer:

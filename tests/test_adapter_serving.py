@@ -10,9 +10,11 @@ from tests.toy import CONFIG, fill
 from worker.pipeline import run_training
 
 
-def test_each_project_gets_its_adapter_and_the_lru_bound_holds(settings) -> None:
+def test_each_project_gets_its_adapter_and_the_lru_bound_holds(settings, tiny_model_dir, tmp_path) -> None:
+    dotted = tmp_path / "tiny-llama-0.1b"  # like "Qwen3-1.7B": a dot in every model_version it serves
+    dotted.symlink_to(tiny_model_dir, target_is_directory=True)
     settings = replace(settings, train_epochs=8, train_lr=1e-2, heldout_fraction=0.25, token_dropout_share=0.0,
-                       lora_r=8, max_loaded_adapters=1)
+                       lora_r=8, max_loaded_adapters=1, base_model=str(dotted))
     store = Store(settings.database_url)
     fill(store, "21")
     fill(store, "22", flip=True)  # the same texts, the opposite labels: only the right adapter answers right
@@ -26,7 +28,7 @@ def test_each_project_gets_its_adapter_and_the_lru_bound_holds(settings) -> None
         reply = client.post("/predict", json={"project": f"{project}.1", "tasks": [
             {"id": 1, "data": {"text": "great " * 40}}, {"id": 2, "data": {"text": "awful " * 40}}]}).json
         assert {r["model_version"] for r in reply["results"]} == {version}
-        assert version.endswith(f"-p{project}-v1")
+        assert version.endswith(f"-p{project}-v1") and "." in version
         answers.append([r["result"][0]["value"]["choices"][0] for r in reply["results"]])
         adapters = app.extensions["slm"].model._adapters
         assert len(adapters.loaded) == 1 and len(adapters.model.peft_config) == 1  # the other one was evicted
