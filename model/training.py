@@ -259,22 +259,32 @@ def validation_loss(
     """The training objective (same weights, no dropout, no augmentation) on held-out tasks."""
     model.eval()
     targets = _targets_tensor(examples, rubric, encoded)
-    ordinal = [dim.level != "nominal" for dim in rubric.dimensions]
     dev_weights = [w.to(device) if w is not None else None for w in weights] if weights is not None else None
     total, count = 0.0, 0
     step = max(cfg.batch_size, 1)
     for m in range(0, len(examples), step):
         rows = list(range(m, min(m + step, len(examples))))
-        ids, mask = pad_batch([encoded[i] for i in rows], tokenizer.pad_token_id, device)
-        reads = torch.tensor([encoded[i].read_positions for i in rows], device=device)
-        logits = answer_logits(model, ids, mask, reads, candidates)
-        index = torch.tensor(rows)
-        part = [t[index].to(device) if t is not None else None for t in targets]
-        loss_sum, n = soft_cross_entropy_sum(logits, part, dev_weights, ordinal, cfg.ordinal_loss)
+        loss_sum, n = _rows_loss(model, tokenizer, rubric, encoded, rows, targets, candidates, cfg, device,
+                                 dev_weights)
         total += float(loss_sum)
         count += n
     model.train()
     return total / max(count, 1)
+
+
+def _rows_loss(
+    model: Any, tokenizer: Any, rubric: Rubric, encoded: Sequence[Encoded], rows: list[int],
+    targets: Sequence[torch.Tensor | None], candidates: Sequence[Sequence[int]], cfg: TrainConfig,
+    device: torch.device, weights: Sequence[torch.Tensor | None] | None,
+) -> tuple[torch.Tensor, int]:
+    """(summed loss, labelled pairs) of one forward pass over these rows of a batch."""
+    ids, mask = pad_batch([encoded[i] for i in rows], tokenizer.pad_token_id, device)
+    reads = torch.tensor([encoded[i].read_positions for i in rows], device=device)
+    logits = answer_logits(model, ids, mask, reads, candidates)
+    index = torch.tensor(rows)
+    part = [t[index].to(device) if t is not None else None for t in targets]
+    ordinal = [dim.level != "nominal" for dim in rubric.dimensions]
+    return soft_cross_entropy_sum(logits, part, weights, ordinal, cfg.ordinal_loss)
 
 
 def _encode(builder: PromptBuilder, ex: Example, cfg: TrainConfig, rng: random.Random, protected: set[int]) -> Encoded:
@@ -294,17 +304,12 @@ def _accumulate(
     n_labelled = sum(int((t.sum(-1) > 0).sum()) for t in targets if t is not None)
     order = sorted(range(len(batch)), key=lambda i: len(encoded[i].input_ids))
     step = cfg.micro_batch_size or (len(batch) if device.type == "cuda" else 2)
-    ordinal = [dim.level != "nominal" for dim in rubric.dimensions]
     weights = [w.to(device) if w is not None else None for w in weights] if weights is not None else None
     total = 0.0
     for m in range(0, len(order), step):
         rows = order[m : m + step]
-        ids, mask = pad_batch([encoded[i] for i in rows], tokenizer.pad_token_id, device)
-        reads = torch.tensor([encoded[i].read_positions for i in rows], device=device)
-        logits = answer_logits(model, ids, mask, reads, candidates)
-        index = torch.tensor(rows)
-        part = [t[index].to(device) if t is not None else None for t in targets]
-        loss_sum, count = soft_cross_entropy_sum(logits, part, weights, ordinal, cfg.ordinal_loss)
+        loss_sum, count = _rows_loss(model, tokenizer, rubric, encoded, rows, targets, candidates, cfg, device,
+                                     weights)
         if count:
             (loss_sum / max(n_labelled, 1)).backward()
             total += float(loss_sum.detach())
