@@ -15,6 +15,7 @@ from backend.services import Services, base_version, cached_rubric
 from model.prompt import TaskDataError
 from model.results import values_from_result
 from model.rubric import Rubric, RubricError, parse_extra_params
+from model.serving import ModelUnavailable
 
 log = logging.getLogger(__name__)
 bp = Blueprint("protocol", __name__)
@@ -40,6 +41,7 @@ def health() -> Any:
         status="UP",
         model_class="SLMAnnotator",
         model_loaded=svc.model.loaded is not None,
+        model_status=svc.model.status(),
         base_model=base_version(svc.settings),
     )
 
@@ -106,6 +108,9 @@ def predict() -> Any:
         preds = svc.model.predict(rubric, tasks, adapter, version, str(extra.get("decoding", "argmax")))
     except TaskDataError as exc:
         raise ApiError(422, str(exc)) from exc
+    except ModelUnavailable as exc:
+        metrics.REJECTED.inc()
+        raise ApiError(503, str(exc)) from exc
     finally:
         svc.predict_slots.release()
     base = svc.model.loaded

@@ -58,14 +58,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             self.cfg.set("control_socket", str(settings.model_dir / "gunicorn.ctl"))  # not one per $HOME
 
         def load(self) -> Any:
-            import threading
-
             from backend.app import create_app
 
             app = create_app(load_settings())
             # Load the model in the background at boot: /health and /setup stay instant, and Label Studio's
-            # first /predict (100 s timeout) does not pay for the load.
-            threading.Thread(target=app.extensions["slm"].model.ensure_loaded, daemon=True).start()
+            # first /predict (100 s timeout) does not pay for the load (bounded by MODEL_LOAD_TIMEOUT).
+            app.extensions["slm"].model.start_loading()
             return app
 
     try:
