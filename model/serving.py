@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from model.loader import LoadedBase, load_base
-from model.prompt import PromptBuilder
+from model.prompt import Encoded, PromptBuilder, TaskDataError
 from model.results import to_ls_result
 from model.rubric import Rubric
 from model.scorer import Scorer, decode
@@ -224,6 +224,7 @@ class ModelServer:
         base = self.ensure_loaded()
         builder = self.builder(rubric)
         encoded = [builder.encode(task.get("data") or {}) for task in tasks]  # TaskDataError -> 4xx
+        _check_context(base, encoded)
         candidates = [space.token_ids for space in builder.spaces]
         assert self._scorer is not None and self._adapters is not None
         lock = self._scorer.lock
@@ -299,6 +300,15 @@ class ModelServer:
 
 class _HandedOff(ModelUnavailable):
     """The scorer lock now belongs to a helper thread: the request must not release it."""
+
+
+def _check_context(base: LoadedBase, encoded: Sequence[Encoded]) -> None:
+    """A prompt past the model's context would fail inside the forward pass: name the cause instead."""
+    limit = getattr(getattr(base.model, "config", None), "max_position_embeddings", None)
+    longest = max((len(e.input_ids) for e in encoded), default=0)
+    if isinstance(limit, int) and longest > limit:
+        raise TaskDataError(f"the prompt needs {longest} tokens, more than the model's context of {limit}: the "
+                            "rubric alone is too long for this model (MAX_PROMPT_TOKENS cuts only the texts)")
 
 
 def _score_unlocked(scorer: Scorer, model: Any, encoded: Any, candidates: Any) -> Any:
