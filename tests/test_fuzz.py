@@ -442,3 +442,73 @@ def test_characters_in_the_alphabet_round_trip(app) -> None:
     assert client.post("/webhook", json=event).json["status"] == "stored"
     row = app.extensions["slm"].store.labels("79")[0]
     assert row.task_data == {"text": text} and row.values == {"sentiment": "Positive"} and row.annotator == "ann@x"
+
+
+def test_a_rubric_longer_than_the_model_context_is_a_422(app) -> None:
+    options = "".join(f'<Choice value="option number {i} of a very long list"/>' for i in range(250))
+    config = (f'<View><Text name="t" value="$t"/><Choices name="c" toName="t" choice="multiple">{options}'
+              "</Choices></View>")
+    reply = app.test_client().post("/predict", json={"label_config": config, "tasks": [{"data": {"t": "x"}}]})
+    assert reply.status_code == 422 and "context" in reply.json["error"], reply.json
+
+
+# ------------------------------------------------------------------------------------------------ PostgreSQL
+@pytest.fixture(scope="module")
+def pg_app(tmp_path_factory, tiny_model_dir, embedded_redis_url) -> Iterator[Any]:
+    """The same app on PostgreSQL, which refuses more than SQLite does (NUL in text, out-of-range integers)."""
+    from sqlalchemy import create_engine, text
+
+    from tests.test_migrations import PG_URL, _pg_available
+
+    if not _pg_available():
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
+    schema = f"fuzz_{tmp_path_factory.getbasetemp().name.replace('-', '_')}"
+    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MODEL_DIR", str(tmp_path_factory.mktemp("fuzz-pg") / "model_dir"))
+    mp.setenv("BASE_MODEL", str(tiny_model_dir))
+    mp.setenv("QUANTIZATION", "none")
+    pg_settings = replace(load_settings(), redis_url=embedded_redis_url, train_threshold=10**9,
+                          database_url=f"{PG_URL}?options=-csearch_path%3D{schema}")
+    flask_app = create_app(pg_settings)
+    assert flask_app.test_client().post("/setup", json={"project": PROJECT, "schema": CONFIG}).status_code == 200
+    yield flask_app
+    flask_app.extensions["slm"].store.engine.dispose()
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+    mp.undo()
+
+
+@pytest.mark.postgres
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(any_webhook, valid_annotation_events(), setup_bodies()), raw=st.booleans())
+def test_fuzzed_webhooks_and_setups_on_postgresql_never_5xx(pg_app, body: Any, raw: bool) -> None:
+    path = "/setup" if isinstance(body, dict) and "schema" in body else "/webhook"
+    before = snapshot(pg_app)
+    reply = pg_app.test_client().post(path, data=encode(body, raw), content_type="application/json")
+    assert_error_shape(reply)
+    if reply.status_code >= 400:
+        assert snapshot(pg_app) == before
+    assert_valid_values(pg_app)
+
+
+@pytest.mark.postgres
+def test_nul_and_surrogates_reach_postgresql_as_valid_text(pg_app) -> None:
+    client = pg_app.test_client()
+    reply = client.post("/setup", json={"project": "81", "schema": CONFIG, "hostname": "http://ls\x00",
+                                        "access_token": "tok\x00en"})
+    assert reply.status_code == 200, reply.json
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": 81, "label_config": CONFIG},
+             "annotation": {"id": 1, "task": 1, "completed_by": {"email": "a\x00b\ud800"}, "result": [
+                 {"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": ["x\x00"]}}]},
+             "task": {"id": 1, "data": {"text": "t\x00\ud83d"}}}
+    reply = client.post("/webhook", data=encode(event), content_type="application/json")
+    assert reply.status_code == 200 and reply.json["status"] == "stored", reply.json
+    row = pg_app.extensions["slm"].store.labels("81")[0]
+    assert row.annotator == "ab\ufffd" and row.task_data == {"text": "t\x00\ufffd"}
+    assert pg_app.extensions["slm"].store.project("81").access_token == "token"
