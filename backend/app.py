@@ -16,6 +16,7 @@ from backend import metrics
 from backend.errors import ApiError
 from backend.protocol import bp as protocol_bp
 from backend.services import Services, build_services
+from slm_annotator import redact
 from slm_annotator.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def _endpoint() -> str:
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
     settings = settings or (services.settings if services else load_settings())
+    redact.install(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     svc = services or build_services(settings)

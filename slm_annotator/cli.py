@@ -16,7 +16,10 @@ from slm_annotator.settings import Settings, load_settings
 
 
 def _logging(settings: Settings) -> None:
+    from slm_annotator import redact
+
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact.install(settings)
 
 
 def _prepare(settings: Settings) -> str:
