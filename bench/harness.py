@@ -232,8 +232,10 @@ def training_webhooks(items: list[DevItem], config: str, pid: int, n: int, start
 class Client:
     """One keep-alive HTTP/1.1 connection (or a fresh one per request, like Label Studio's requests.post)."""
 
-    def __init__(self, port: int, keepalive: bool = True, timeout: float = 30.0) -> None:
+    def __init__(self, port: int, keepalive: bool = True, timeout: float = 30.0,
+                 headers: dict[str, str] | None = None) -> None:
         self.port, self.keepalive, self.timeout = port, keepalive, timeout
+        self.headers = dict(headers or {})  # e.g. X-Webhook-Secret or Authorization, on every request
         self.conn: http.client.HTTPConnection | None = None
 
     def connect(self) -> None:
@@ -250,7 +252,7 @@ class Client:
     def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         self.connect()
         assert self.conn is not None
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **self.headers}
         if not self.keepalive:
             headers["Connection"] = "close"
         try:
@@ -268,7 +270,7 @@ class Client:
         self.connect()
         assert self.conn is not None
         try:
-            self.conn.request("GET", path)
+            self.conn.request("GET", path, headers=self.headers)
             resp = self.conn.getresponse()
             data = resp.read()
         except BaseException:
@@ -316,19 +318,27 @@ class Outcome:
     error: str = ""
 
 
-def run_load(port: int, events: list[Event], clients: int, keepalive: bool,
-             timeout: float) -> tuple[list[Outcome], float]:
-    """`clients` threads take the next event in stream order, POST it, and record its latency."""
+def run_load(port: int, events: list[Event], clients: int, keepalive: bool, timeout: float,
+             rate: float = 0.0, error_backoff: float = 0.0, headers: dict[str, str] | None = None,
+             cursor: list[int] | None = None) -> tuple[list[Outcome], float]:
+    """`clients` threads take the next event in stream order, POST it, and record its latency.
+
+    `rate` > 0 paces the stream (event i is sent no earlier than i / rate s after the start); after a
+    transport error a client waits `error_backoff` s before its next event (the failed one is not resent:
+    Label Studio never retries a webhook). `cursor[0]` is the next event's index, for a watcher of progress.
+    """
     out = [Outcome() for _ in events]
     lock = threading.Lock()
-    cursor = [0]
+    cursor = cursor if cursor is not None else [0]
     barrier = threading.Barrier(clients + 1)
     failures: list[BaseException] = []
+    began = [0.0]
 
     def worker() -> None:
-        client = Client(port, keepalive, timeout)
+        client = Client(port, keepalive, timeout, headers)
         try:
-            client.connect()
+            if keepalive:
+                client.connect()
             barrier.wait()
             while True:
                 with lock:
@@ -336,6 +346,8 @@ def run_load(port: int, events: list[Event], clients: int, keepalive: bool,
                     cursor[0] += 1
                 if i >= len(events):
                     return
+                if rate > 0:
+                    time.sleep(max(0.0, began[0] + i / rate - time.perf_counter()))
                 rec = out[i]
                 t0 = time.perf_counter()
                 try:
@@ -344,6 +356,7 @@ def run_load(port: int, events: list[Event], clients: int, keepalive: bool,
                     rec.done = time.perf_counter()
                     rec.latency = rec.done - t0
                     rec.error = f"{type(exc).__name__}: {exc}"[:200]
+                    time.sleep(error_backoff)
                     continue
                 rec.done = time.perf_counter()
                 rec.latency = rec.done - t0
@@ -364,6 +377,7 @@ def run_load(port: int, events: list[Event], clients: int, keepalive: bool,
     threads = [threading.Thread(target=worker, name=f"client-{k}", daemon=True) for k in range(clients)]
     for t in threads:
         t.start()
+    began[0] = time.perf_counter()
     barrier.wait(timeout=60)
     t_start = time.perf_counter()
     for t in threads:
@@ -553,3 +567,83 @@ def pg_schema_url(url: str, keep: bool) -> tuple[str, Any]:
         admin.dispose()
 
     return scoped, drop
+
+
+def _state(row: Any) -> tuple[Any, ...]:
+    return ("deleted",) if row.deleted else (row.ls_updated_at, json.dumps(row.result, sort_keys=True))
+
+
+def _event_state(ev: Event) -> tuple[Any, ...]:
+    if ev.kind == "delete":
+        return ("deleted",)
+    assert ev.updated_at is not None
+    return (ev.updated_at.replace(tzinfo=None), json.dumps(ev.result, sort_keys=True))
+
+
+def verify_acknowledged(store: Store, pid: str, events: list[Event], outcomes: list[Outcome]) -> dict[str, Any]:
+    """Every acknowledged label is stored exactly once, in its latest acknowledged state, with faults in between.
+
+    A 2xx was acknowledged: it must be in the store. A 4xx was refused: it must not be. A transport error or a
+    5xx is unknown (the server may have committed it just before it was killed): the store may hold its state
+    instead, if that is newer than the last acknowledged one. Deletes are final (tombstones).
+    """
+    acked: dict[int, list[Event]] = {}
+    unknown: dict[int, list[Event]] = {}
+    for ev, rec in zip(events, outcomes, strict=True):
+        if rec.status // 100 == 2:
+            acked.setdefault(ev.ann_id, []).append(ev)
+        elif rec.status == 0 or rec.status >= 500:
+            unknown.setdefault(ev.ann_id, []).append(ev)
+    rows = store.labels(pid, include_inactive=True)
+    by_id: dict[int, list[Any]] = {}
+    for row in rows:
+        by_id.setdefault(row.annotation_id, []).append(row)
+    lost: list[dict[str, Any]] = []
+    applied_unacked = 0
+    for ann_id, evs in sorted(acked.items()):
+        found = by_id.get(ann_id, [])
+        if len(found) != 1:
+            lost.append({"annotation_id": ann_id, "problem": f"{len(found)} rows"})
+            continue
+        stored = _state(found[0])
+        want = _latest(evs)
+        maybe = {_event_state(e) for e in unknown.get(ann_id, []) if _newer(_event_state(e), want)}
+        row = found[0]
+        if stored != want and stored not in maybe:
+            lost.append({"annotation_id": ann_id, "problem": f"stored {stored[:1]} != acknowledged {want[:1]}"})
+        elif not row.deleted and row.values != expected_values(row.result):
+            lost.append({"annotation_id": ann_id, "problem": f"values {row.values} != {expected_values(row.result)}"})
+        elif stored != want:
+            applied_unacked += 1
+    sent = {ev.ann_id for ev in events}
+    only_unknown = set(unknown) - set(acked)
+    refused_but_stored = sorted(set(by_id) - set(acked) - only_unknown)
+    return {
+        "acknowledged_annotations": len(acked),
+        "acknowledged_requests": sum(1 for r in outcomes if r.status // 100 == 2),
+        "stored_as_acknowledged": len(acked) - len(lost),
+        "stored_rows": len(rows),
+        "duplicate_rows": sum(1 for v in by_id.values() if len(v) > 1),
+        "failed_requests": sum(1 for r in outcomes if r.status // 100 != 2),
+        "failed_transport": sum(1 for r in outcomes if r.status == 0),
+        "failed_5xx": sum(1 for r in outcomes if r.status >= 500),
+        "refused_4xx": sum(1 for r in outcomes if 400 <= r.status < 500),
+        "failed_but_applied": applied_unacked + sum(1 for a in only_unknown if a in by_id),
+        "unexpected_rows": sorted(set(by_id) - sent)[:20],
+        "refused_but_stored": refused_but_stored[:20],
+        "lost": len(lost),
+        "lost_examples": lost[:20],
+    }
+
+
+def _latest(evs: list[Event]) -> tuple[Any, ...]:
+    """The state the store must hold after these acknowledged events: a delete wins, else the newest update."""
+    if any(e.kind == "delete" for e in evs):
+        return ("deleted",)
+    return max((_event_state(e) for e in evs), key=lambda s: s[0])
+
+
+def _newer(state: tuple[Any, ...], than: tuple[Any, ...]) -> bool:
+    if than == ("deleted",):
+        return False
+    return state == ("deleted",) or state[0] > than[0]

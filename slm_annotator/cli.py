@@ -82,22 +82,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+WORKER_TTL = 45  # an idle worker wakes from its blocking dequeue every WORKER_TTL - 15 = 30 s
+
+
+def build_worker(settings: Settings, name: str | None = None) -> Any:
+    """An RQ worker whose maintenance really runs every minute, idle or not.
+
+    Maintenance (every 60 s; RQ's default is 10 minutes) retries a job whose worker was killed once its heartbeat
+    lapses (~90 s), and restarts the scheduler that enqueues retries. RQ runs it only between blocking dequeues,
+    which last worker_ttl - 15 s (405 s by default): a short worker_ttl keeps an idle worker from sleeping past it.
+    """
     from rq import Queue, Worker
 
     from worker.policy import QUEUE_NAME
     from worker.redis_conn import connect
 
+    conn = connect(settings.redis_url, settings.model_dir)
+    return Worker([Queue(QUEUE_NAME, connection=conn)], connection=conn, name=name, maintenance_interval=60,
+                  worker_ttl=WORKER_TTL)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
     settings = load_settings()
     _logging(settings)
     _prepare(settings)
-    conn = connect(settings.redis_url, settings.model_dir)
+    worker = build_worker(settings, args.name)
     # Training yields the CPU to the request path when both share a machine (the one-command quickstart):
     # webhooks must stay well under Label Studio's 1 s timeout while a job trains.
     os.nice(10)
-    # Maintenance every minute (RQ's default is 10): a job whose worker was killed is retried soon after its
-    # heartbeat lapses (~90 s), not up to 10 minutes later.
-    worker = Worker([Queue(QUEUE_NAME, connection=conn)], connection=conn, name=args.name, maintenance_interval=60)
     worker.work(with_scheduler=True, burst=args.burst, logging_level=settings.log_level)
     return 0
 

@@ -70,9 +70,12 @@ def test_worker_killed_mid_training_keeps_the_served_adapter_and_the_job_recover
     try:
         job = Job.fetch(job_id("9"), connection=conn)
         _wait(lambda: job.get_meta(refresh=True).get("step", 0) >= 3, 180, "training steps in the job's meta")
+        family = _descendants(proc.pid)  # the work horse (in a process group of its own) and the scheduler
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker and its work horse, as the OOM killer would
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker's group, as a supervisor would
         proc.wait(timeout=30)
+    assert family, "the worker had no work horse"
+    _wait(lambda: not [p for p in family if _running(p)], 10, "the work horse to die with its worker")
     assert job.get_status(refresh=True) == JobStatus.STARTED  # abandoned: nobody will finish it
     assert store.served_adapter("9").version == served.version and _digest(Path(served.path)) == before
     assert [a.version for a in store.adapters("9")] == [1]
@@ -127,6 +130,39 @@ def test_redis_stopped_while_webhooks_arrive_loses_nothing_and_trains_after(sett
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r.status for r in store.runs("11")] in (["promoted"], ["refused"])
     assert not store.project("11").training_requested and store.pending_changes("11") == 0
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
+
+
+def test_an_idle_worker_runs_its_maintenance_every_minute(settings, private_redis) -> None:
+    """RQ runs maintenance (abandoned-job retries, scheduler restarts) only between blocking dequeues."""
+    from slm_annotator.cli import build_worker
+
+    worker = build_worker(replace(settings, redis_url=private_redis[1]))
+    assert worker.maintenance_interval == 60 and worker.dequeue_timeout <= 30
 
 
 def _alive(url: str) -> bool:

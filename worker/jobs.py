@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+import sys
 import traceback
 from typing import Any
 
@@ -16,6 +20,25 @@ from worker.policy import due
 from worker.sync import SyncError, sync_project
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_worker() -> None:
+    """The RQ work horse running this job dies when its worker dies, even by SIGKILL (Linux).
+
+    RQ forks the horse into a process group of its own, so killing the worker (or its group) would leave the
+    horse training on, unseen, while RQ retries the job elsewhere: two trainings of one project at once.
+    """
+    if get_current_job() is None or not sys.platform.startswith("linux"):
+        return  # inline (CLI, tests): no worker to die with
+    worker = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot tie the work horse to its worker: %s", exc)
+        return
+    if os.getppid() != worker:  # the worker died before prctl took effect
+        os._exit(1)
 
 
 def _progress(update: dict[str, Any]) -> None:
@@ -29,6 +52,7 @@ def _progress(update: dict[str, Any]) -> None:
 
 
 def train_project(project_id: str, trigger: str = "threshold", continual: bool = False) -> dict[str, Any]:
+    die_with_worker()
     settings = load_settings()
     store = Store(settings.database_url)
     job = get_current_job()
@@ -63,6 +87,7 @@ def train_project(project_id: str, trigger: str = "threshold", continual: bool =
 
 
 def sync_job(project_id: str) -> dict[str, Any]:
+    die_with_worker()
     settings = load_settings()
     store = Store(settings.database_url)
     return sync_project(settings, store, project_id)
