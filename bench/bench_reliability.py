@@ -74,6 +74,7 @@ TRAIN_PROJECT, LOAD_PROJECT = "1", "2"
 USER, PASSWORD, WEBHOOK_SECRET = "ls", "bench-basic-PW-4d1c", "bench-hook-SECRET-93af"
 SECRETS = (PASSWORD, WEBHOOK_SECRET)
 DONE = {"promoted", "refused", "skipped"}
+LS_TIMEOUT_S = 1.0  # Label Studio's webhook timeout: a later reply is an error in its log (the label is stored)
 TINY = ROOT / ".cache" / "tiny-llama-v1"
 
 
@@ -379,26 +380,45 @@ def start_training(b: Bench) -> None:
     raise RuntimeError(f"training never reached step 1: {state}\n{b.backend.log_tail(40)}")
 
 
-def wait_for_run(b: Bench, after_id: int, timeout: float) -> Any:
-    """The first training run of project 1 newer than `after_id` that completes; RQ cleanup if --recovery fast."""
+def recover_now(b: Bench) -> None:
+    """--recovery fast: RQ's cleanup of abandoned jobs as if their heartbeat had lapsed (once: it would also take
+    a healthy running job for abandoned)."""
     from redis import Redis
     from rq import Queue
     from rq.registry import StartedJobRegistry
 
     from worker.policy import QUEUE_NAME
 
+    conn = Redis.from_url(b.redis.url)
+    StartedJobRegistry(queue=Queue(QUEUE_NAME, connection=conn)).cleanup(timestamp=time.time() + 300)
+    b.note("abandoned jobs cleaned up now (--recovery fast)")
+
+
+def wait_for_run(b: Bench, after_id: int, timeout: float) -> Any:
+    """The first training run of project 1 newer than `after_id` that completes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done = [r for r in b.store.runs(TRAIN_PROJECT) if r.id > after_id and r.status in DONE]
         if done:
             return done[0]
-        if b.args.recovery == "fast":
-            with contextlib.suppress(Exception):
-                conn = Redis.from_url(b.redis.url)
-                StartedJobRegistry(queue=Queue(QUEUE_NAME, connection=conn)).cleanup(timestamp=time.time() + 300)
         time.sleep(1.0)
     raise RuntimeError(f"no training run of project 1 completed within {timeout:.0f} s: "
                        f"{[(r.id, r.status) for r in b.store.runs(TRAIN_PROJECT)]}")
+
+
+def load_project_training(b: Bench) -> dict[str, Any]:
+    """The load project's training request (met by the Redis outage, re-sent by the flusher) ran to the end."""
+    deadline = time.monotonic() + b.args.train_timeout
+    while time.monotonic() < deadline:
+        runs = b.store.runs(LOAD_PROJECT)
+        project = b.store.project(LOAD_PROJECT)
+        if runs and runs[-1].status in DONE | {"failed"} and project and not project.training_requested:
+            break
+        time.sleep(1.0)
+    runs = b.store.runs(LOAD_PROJECT)
+    out = {"runs": [(r.id, r.status, r.trigger) for r in runs], "completed": any(r.status in DONE for r in runs)}
+    b.note("load project training", **out)
+    return out
 
 
 def served_now(b: Bench) -> dict[str, Any]:
@@ -467,6 +487,9 @@ def summarize(b: Bench, events: list[Event], outcomes: list[Outcome], wall: floa
     return {
         "webhooks": {"sent": len(outcomes), "wall_s": round(wall, 1), "sent_per_s": round(len(outcomes) / wall, 1),
                      "acknowledged_per_s": round(len(acked) / wall, 1), "latency_acknowledged": lat_summary(acked),
+                     "acknowledged_after_ls_timeout": sum(1 for x in acked if x > LS_TIMEOUT_S),
+                     "training_answers": {k: sum(1 for r in outcomes if r.training == k)
+                                          for k in sorted({r.training for r in outcomes if r.training})},
                      "events": {k: sum(1 for e in events if e.kind == k) for k in ("create", "dup", "update",
                                                                                  "delete")}},
         "predict": {"requests": len(preds.outcomes), "ok": len(pred_ok), "tasks": preds.tasks,
@@ -520,11 +543,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--error-backoff", type=float, default=1.0, help="a client's pause after a transport error")
     p.add_argument("--recovery", choices=["natural", "fast"], default="natural",
                    help="natural: RQ finds the killed job when its heartbeat lapses (~90 s); fast: clean up at once")
+    p.add_argument("--retry-delays", default="10", help="TRAIN_RETRY_DELAYS (0: retried jobs skip the scheduler)")
     p.add_argument("--no-crash", dest="crash", action="store_false", help="skip the promotion-crash phase")
     p.add_argument("--base-model", default=str(TINY))
     p.add_argument("--quantization", default="none", choices=["nf4", "none"])
     p.add_argument("--train-tasks", type=int, default=30, help="toy tasks (2 labels each) for the training project")
     p.add_argument("--train-epochs", type=int, default=8, help="TRAIN_EPOCHS of every worker after the first")
+    p.add_argument("--load-threshold", type=int, default=200,
+                   help="train_threshold of the load project (0: never trains); its trigger meets the Redis outage")
     p.add_argument("--train-timeout", type=float, default=900.0)
     p.add_argument("--database-url", default=None, help="PostgreSQL URL (a fresh schema, dropped after)")
     p.add_argument("--workers", type=int, default=None, help="WORKERS (gunicorn processes); default the setting's")
@@ -558,8 +584,9 @@ def base_env(args: argparse.Namespace, redis_url: str, database_url: str) -> dic
     env = {"BASE_MODEL": args.base_model, "QUANTIZATION": args.quantization, "REDIS_URL": redis_url,
            "DATABASE_URL": database_url, "BASIC_AUTH_USER": USER, "BASIC_AUTH_PASS": PASSWORD,
            "WEBHOOK_SECRET": WEBHOOK_SECRET, "TRAIN_THRESHOLD": "40", "TRAIN_RETRIES": "3",
-           "TRAIN_RETRY_DELAYS": "1", "PROMOTION_TOLERANCE": "1.0", "HELDOUT_FRACTION": "0.25", "TRAIN_LR": "0.01",
-           "LORA_R": "8", "TOKEN_DROPOUT_SHARE": "0", "MAX_PROMPT_TOKENS": "384", "PREDICT_BATCH_SIZE": "4"}
+           "TRAIN_RETRY_DELAYS": args.retry_delays, "PROMOTION_TOLERANCE": "1.0", "HELDOUT_FRACTION": "0.25",
+           "TRAIN_LR": "0.01", "LORA_R": "8", "TOKEN_DROPOUT_SHARE": "0", "MAX_PROMPT_TOKENS": "384",
+           "PREDICT_BATCH_SIZE": "4"}
     if args.workers:
         env["WORKERS"] = str(args.workers)
     if args.threads:
@@ -589,10 +616,16 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], Bench]:
         start_training(b)
         killed_run = max(r.id for r in b.store.runs(TRAIN_PROJECT))
         res = load_with_faults(b, parse_label_config(config))
+        if args.recovery == "fast" and "worker" in {n for _, n in args.plan}:
+            recover_now(b)
         run_ = wait_for_run(b, killed_run - 1, args.train_timeout)
+        killed_at = next((e["t"] for e in b.timeline if e["event"] == "fault worker done"), None)
         res["training"] = {"run_id": run_.id, "status": run_.status,
-                           "runs": [(r.id, r.status) for r in b.store.runs(TRAIN_PROJECT)]}
+                           "runs": [(r.id, r.status) for r in b.store.runs(TRAIN_PROJECT)],
+                           "completed_s_after_worker_kill": None if killed_at is None else
+                           round(time.monotonic() - b.started - killed_at, 1)}
         b.note("training completed", **res["training"])
+        res["load_project_training"] = load_project_training(b) if args.load_threshold else None
         res["promotion_crash"] = promotion_crash(b) if args.crash else {"ok": None, "skipped": True}
         res["health_end"] = request(backend.port, "GET", "/health")[1]
         return res, b
@@ -615,8 +648,9 @@ def load_with_faults(b: Bench, rubric: Any) -> dict[str, Any]:
     from bench.harness import run_load
 
     args, port = b.args, b.backend.port
+    threshold = args.load_threshold or 10**9  # crossed mid-load: its training request meets the Redis outage
     status, reply = request(port, "POST", "/setup", {"project": f"{LOAD_PROJECT}.1700000000", "schema": b.config,
-                                                      "extra_params": {"train_threshold": 10**9}})
+                                                      "extra_params": {"train_threshold": threshold}})
     assert status == 200, reply
     start = _dt.datetime(2026, 11, 22, 10, 0, 0)
     events = build_load(args.requests, b.items, b.config, int(LOAD_PROJECT), args.mix_tuple, 0.1, args.seed, start,
@@ -655,6 +689,8 @@ def verdict(res: dict[str, Any]) -> dict[str, bool]:
         and res["load"]["status_counts"].get("500", 0) == 0,
         "predictions valid": res["load"]["predict"]["invalid"] == 0 and res["load"]["predict"]["ok"] > 0,
         "a training run completed after the faults": res["training"]["status"] in DONE,
+        "the training request met by the Redis outage ran later": (res["load_project_training"] or {}).get(
+            "completed", True),
         "promotion crash kept the previous adapter": res["promotion_crash"].get("ok") is not False,
         "no secret in any log": not res["logs"]["secrets_found"],
     }

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 WORKER_TTL = 45  # an idle worker wakes from its blocking dequeue every WORKER_TTL - 15 = 30 s
+WORKER_RESTART_S = 5.0
 
 
 def build_worker(settings: Settings, name: str | None = None) -> Any:
@@ -103,15 +105,30 @@ def build_worker(settings: Settings, name: str | None = None) -> Any:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    """Works until told to stop. RQ's worker quits when Redis goes away mid-job; this one starts again."""
     settings = load_settings()
     _logging(settings)
     _prepare(settings)
-    worker = build_worker(settings, args.name)
     # Training yields the CPU to the request path when both share a machine (the one-command quickstart):
     # webhooks must stay well under Label Studio's 1 s timeout while a job trains.
     os.nice(10)
-    worker.work(with_scheduler=True, burst=args.burst, logging_level=settings.log_level)
-    return 0
+    from redis.exceptions import RedisError
+
+    log = logging.getLogger("slm_annotator.worker")
+    while True:
+        worker = build_worker(settings, args.name)
+        try:
+            worker.work(with_scheduler=True, burst=args.burst, logging_level=settings.log_level)
+        except (RedisError, OSError) as exc:  # e.g. registering a new worker while Redis is still down
+            log.warning("the RQ worker could not run: %s", exc)
+        if args.burst or worker._shutdown_requested_date is not None:
+            return 0
+        # Its job (if any) is retried once its heartbeat lapses; the horse died with it (die_with_worker).
+        log.warning("the RQ worker quit on an error (Redis unreachable?); starting a new one in %.0f s",
+                    WORKER_RESTART_S)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # RQ's handlers belong to the worker that quit
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        time.sleep(WORKER_RESTART_S)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -165,6 +165,30 @@ def test_an_idle_worker_runs_its_maintenance_every_minute(settings, private_redi
     assert worker.maintenance_interval == 60 and worker.dequeue_timeout <= 30
 
 
+def test_a_worker_outlives_redis_going_away_mid_job(settings, private_redis, tmp_path) -> None:
+    """RQ's worker quits when Redis vanishes under a running job; `slm-annotator worker` starts a new one."""
+    folder, url = private_redis
+    conn = Redis.from_url(url)
+    queue = Queue(QUEUE_NAME, connection=conn)
+    first = queue.enqueue("time.sleep", 20, job_timeout=120)
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(WORKER, env=worker_env(replace(settings, redis_url=url)), start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: first.get_status(refresh=True) == JobStatus.STARTED, 60, "the first job to start")
+        stop_embedded(folder)
+        _wait(lambda: "starting a new one" in log.read_text(errors="replace"), 90, "the worker to notice")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        ensure_embedded(folder)
+        second = Queue(QUEUE_NAME, connection=Redis.from_url(url)).enqueue("math.sqrt", 16.0)
+        _wait(lambda: second.get_status(refresh=True) == JobStatus.FINISHED, 90, "a new job done after Redis is back")
+        assert second.return_value() == 4.0
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 def _alive(url: str) -> bool:
     try:
         return bool(Redis.from_url(url, socket_connect_timeout=0.2).ping())
