@@ -648,9 +648,11 @@ def load_with_faults(b: Bench, rubric: Any) -> dict[str, Any]:
     from bench.harness import run_load
 
     args, port = b.args, b.backend.port
-    threshold = args.load_threshold or 10**9  # crossed mid-load: its training request meets the Redis outage
+    # Crossed mid-load: its training request meets the Redis outage. A short recipe: that it runs is the point.
+    extra = {"train_threshold": args.load_threshold or 10**9,
+             "training": {"epochs": 1, "batch_size": 32, "lora_layers": 1, "max_tokens": 256}}
     status, reply = request(port, "POST", "/setup", {"project": f"{LOAD_PROJECT}.1700000000", "schema": b.config,
-                                                      "extra_params": {"train_threshold": threshold}})
+                                                      "extra_params": extra})
     assert status == 200, reply
     start = _dt.datetime(2026, 11, 22, 10, 0, 0)
     events = build_load(args.requests, b.items, b.config, int(LOAD_PROJECT), args.mix_tuple, 0.1, args.seed, start,

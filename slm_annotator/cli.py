@@ -94,14 +94,24 @@ def build_worker(settings: Settings, name: str | None = None) -> Any:
     lapses (~90 s), and restarts the scheduler that enqueues retries. RQ runs it only between blocking dequeues,
     which last worker_ttl - 15 s (405 s by default): a short worker_ttl keeps an idle worker from sleeping past it.
     """
+    from redis.exceptions import RedisError
     from rq import Queue, Worker
 
     from worker.policy import QUEUE_NAME
     from worker.redis_conn import connect
 
+    class BlipProofWorker(Worker):  # type: ignore[misc]
+        """Rides out a Redis blip while a job runs: a missed heartbeat is no reason to end hours of training."""
+
+        def maintain_heartbeats(self, job: Any, execution: Any) -> None:
+            try:
+                super().maintain_heartbeats(job, execution)
+            except RedisError as exc:
+                self.log.warning("heartbeat missed (Redis unreachable: %s); the job goes on", exc)
+
     conn = connect(settings.redis_url, settings.model_dir)
-    return Worker([Queue(QUEUE_NAME, connection=conn)], connection=conn, name=name, maintenance_interval=60,
-                  worker_ttl=WORKER_TTL)
+    return BlipProofWorker([Queue(QUEUE_NAME, connection=conn)], connection=conn, name=name,
+                           maintenance_interval=60, worker_ttl=WORKER_TTL)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import sys
 import traceback
 from typing import Any
 
+from redis.exceptions import RedisError
 from rq import get_current_job
 
 from model.rubric import RubricError
@@ -42,13 +43,17 @@ def die_with_worker() -> None:
 
 
 def _progress(update: dict[str, Any]) -> None:
+    """Progress goes to the job's meta in Redis: informational, so a Redis blip must not end the training."""
     job = get_current_job()
     step = update.get("step")
     if step and (step == 1 or step % 5 == 0 or step == update.get("total_steps")):
         log.info("training progress %s", update)
     if job is not None:
         job.meta.update(update)
-        job.save_meta()
+        try:
+            job.save_meta()
+        except RedisError as exc:
+            log.warning("training progress not saved (Redis unreachable: %s); training goes on", exc)
 
 
 def train_project(project_id: str, trigger: str = "threshold", continual: bool = False) -> dict[str, Any]:
