@@ -522,7 +522,8 @@ def report(res: dict[str, Any]) -> str:
         f"- failed but applied anyway (cut off by a kill after the commit): {v['failed_but_applied']}; refused "
         f"(4xx) {v['refused_4xx']}; duplicate rows {v['duplicate_rows']}; unexpected rows {len(v['unexpected_rows'])}",
         f"- logs: {json.dumps(res['logs'])}",
-        f"- machine: {res['machine']['cpu_model']} x{res['machine']['cpu_cores']}, {res['machine']['date']}",
+        f"- machine: {res['machine']['cpu_model']} x{res['machine']['cpu_cores']}, {res['machine']['date']}, load "
+        f"average {res['loadavg'][0][0]:.1f} before the load, {res['loadavg'][1][0]:.1f} after (a shared machine)",
     ]
     return "\n".join(lines)
 
@@ -666,6 +667,7 @@ def load_with_faults(b: Bench, rubric: Any) -> dict[str, Any]:
         t.start()
     b.note("load begins", webhooks=len(events), rate=args.rate, clients=args.clients)
     faults.start()
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     outcomes, _ = run_load(port, events, args.clients, args.keepalive, 30.0, rate=args.rate,
                            error_backoff=args.error_backoff, headers={"X-Webhook-Secret": WEBHOOK_SECRET},
@@ -677,7 +679,7 @@ def load_with_faults(b: Bench, rubric: Any) -> dict[str, Any]:
     for t in predictors:
         t.join(600)
     b.note("load ends", wall_s=round(wall, 1))
-    return {"load": summarize(b, events, outcomes, wall, preds),
+    return {"load": summarize(b, events, outcomes, wall, preds), "loadavg": [load_before, os.getloadavg()],
             "verify": verify_acknowledged(b.store, LOAD_PROJECT, events, outcomes)}
 
 
@@ -695,6 +697,7 @@ def verdict(res: dict[str, Any]) -> dict[str, bool]:
             "completed", True),
         "promotion crash kept the previous adapter": res["promotion_crash"].get("ok") is not False,
         "no secret in any log": not res["logs"]["secrets_found"],
+        "no process exited on its own": not [e for e in res["timeline"] if "exited on its own" in e["event"]],
     }
 
 
