@@ -49,6 +49,10 @@ def json_body(request: Request) -> dict[str, Any]:
     raw = request.get_data(cache=True)
     if not raw:
         raise ApiError(400, "request body is empty; expected a JSON object")
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # A chunked body is cut at the limit by the server's stream, not refused: refuse it here.
+        raise ApiError(413, f"request body is larger than {limit} bytes (MAX_BODY_BYTES)")
     try:
         body = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
         if _SURROGATE_IN_RAW.search(raw):
