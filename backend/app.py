@@ -18,6 +18,7 @@ from backend.protocol import bp as protocol_bp
 from backend.report import bp as report_bp
 from backend.services import Services, build_services
 from backend.store_metrics import StoreCollector
+from slm_annotator import redact
 from slm_annotator.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def _endpoint() -> str:
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
     settings = settings or (services.settings if services else load_settings())
+    redact.install(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     svc = services or build_services(settings)

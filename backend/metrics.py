@@ -27,7 +27,8 @@ MODEL_LOAD = Gauge("slm_model_load_seconds", "Seconds the base model took to loa
 LABELS_STORED = Counter("slm_labels_stored_total", "Annotations written to the label store", ["project"])
 WEBHOOKS = Counter("slm_webhooks_total", "Webhook events by action", ["action"])
 TRAININGS_QUEUED = Counter("slm_training_triggers_total", "Training triggers by outcome", ["outcome"])
-REJECTED = Counter("slm_overload_rejections_total", "Predict requests refused with 503 under overload")
+REJECTED = Counter("slm_overload_rejections_total",
+                   "Predict requests refused with 503 (overload, model loading or busy)")
 
 
 def render(*extra: Collector) -> tuple[bytes, str]:

@@ -10,15 +10,23 @@ from flask import Blueprint, current_app, jsonify, request
 
 from backend import metrics
 from backend.errors import ApiError
-from backend.payloads import json_body, label_from, project_id
+from backend.payloads import INT64, clean_text, int64, json_body, label_from, project_id
 from backend.services import Services, base_version, cached_rubric
 from model.prompt import TaskDataError
 from model.results import values_from_result
 from model.rubric import Rubric, RubricError, parse_extra_params
+from model.serving import ModelUnavailable
 
 log = logging.getLogger(__name__)
 bp = Blueprint("protocol", __name__)
 LABEL_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}
+# Label Studio's webhook actions: the metric's label takes only these (anything else is OTHER), so a sender
+# cannot grow /metrics without bound.
+KNOWN_ACTIONS = LABEL_ACTIONS | {
+    "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED", "TASKS_CREATED", "TASKS_DELETED", "PROJECT_CREATED",
+    "PROJECT_UPDATED", "PROJECT_DELETED", "START_TRAINING", "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED",
+    "LABEL_LINK_DELETED", "REVIEW_CREATED", "REVIEW_UPDATED", "REVIEWS_DELETED",
+}
 
 
 def services() -> Services:
@@ -40,6 +48,7 @@ def health() -> Any:
         status="UP",
         model_class="SLMAnnotator",
         model_loaded=svc.model.loaded is not None,
+        model_status=svc.model.status(),
         base_model=base_version(svc.settings),
     )
 
@@ -61,9 +70,9 @@ def setup() -> Any:
         if config:
             fields["label_config"] = config
         if isinstance(body.get("hostname"), str) and body["hostname"]:
-            fields["hostname"] = body["hostname"][:512]
+            fields["hostname"] = clean_text(body["hostname"][:600], 512)
         if isinstance(body.get("access_token"), str) and body["access_token"]:
-            fields["access_token"] = body["access_token"]
+            fields["access_token"] = clean_text(body["access_token"])
         project = svc.store.project(pid)
         if project is None or any(getattr(project, k) != v for k, v in fields.items()):
             svc.store.upsert_project(pid, **fields)
@@ -106,6 +115,9 @@ def predict() -> Any:
         preds = svc.model.predict(rubric, tasks, adapter, version, str(extra.get("decoding", "argmax")))
     except TaskDataError as exc:
         raise ApiError(422, str(exc)) from exc
+    except ModelUnavailable as exc:
+        metrics.REJECTED.inc()
+        raise ApiError(503, str(exc)) from exc
     finally:
         svc.predict_slots.release()
     base = svc.model.loaded
@@ -123,7 +135,8 @@ def predict() -> Any:
 def _record(svc: Services, pid: str, rubric: Rubric, tasks: list[Any], preds: list[Any]) -> None:
     rows = []
     for task, pred in zip(tasks, preds, strict=True):
-        if isinstance(task.get("id"), int) and not isinstance(task.get("id"), bool):
+        task_id = task.get("id")
+        if isinstance(task_id, int) and not isinstance(task_id, bool) and -INT64 <= task_id < INT64:
             values = values_from_result(rubric, pred.result)
             rows.append({"task_id": task["id"], "model_version": pred.model_version, "values": values,
                          "score": pred.score})
@@ -141,7 +154,7 @@ def webhook() -> Any:
     action = body.get("action")
     if not isinstance(action, str) or not action:
         raise ApiError(400, "missing 'action'")
-    metrics.WEBHOOKS.labels(action if action.isupper() and len(action) < 40 else "OTHER").inc()
+    metrics.WEBHOOKS.labels(action if action in KNOWN_ACTIONS else "OTHER").inc()
     if action in LABEL_ACTIONS:
         return jsonify(_store_annotation(svc, body))
     if action == "ANNOTATIONS_DELETED":
@@ -157,10 +170,14 @@ def webhook() -> Any:
 
 
 def _remember_project(svc: Services, pid: str, project: Any) -> str:
-    """Keeps the label config that webhooks carry, so labels arriving before /setup still parse."""
+    """Keeps the label config that webhooks carry, so labels arriving before /setup still parse.
+
+    Only a config that parses replaces the stored one (what /setup would accept): a forged or broken one
+    must not take a project's rubric away.
+    """
     config = project.get("label_config") if isinstance(project, dict) else None
     known = svc.known_config(pid)
-    if isinstance(config, str) and config and config != known:
+    if isinstance(config, str) and config and config != known and _parses(config):
         stored = svc.store.project(pid)
         if stored is None or stored.label_config != config:
             svc.store.upsert_project(pid, label_config=config)
@@ -171,6 +188,15 @@ def _remember_project(svc: Services, pid: str, project: Any) -> str:
     stored = svc.store.project(pid)
     svc.remember_config(pid, stored.label_config if stored else "")
     return stored.label_config if stored else ""
+
+
+def _parses(config: str) -> bool:
+    try:
+        cached_rubric(config, "")
+    except RubricError as exc:
+        log.warning("webhook carries a label config that does not parse; keeping the stored one: %s", exc)
+        return False
+    return True
 
 
 def _store_annotation(svc: Services, body: dict[str, Any]) -> dict[str, Any]:
@@ -203,7 +229,7 @@ def _delete_annotations(svc: Services, body: dict[str, Any]) -> dict[str, Any]:
         ann_id = item.get("id") if isinstance(item, dict) else item
         if isinstance(ann_id, bool) or not isinstance(ann_id, int):
             raise ApiError(400, "every deleted annotation needs an integer 'id'")
-        ids.append(ann_id)
+        ids.append(int64(ann_id, "deleted annotation id"))
     project = body.get("project")
     if project is None and items and isinstance(items[0], dict):
         project = items[0].get("project")

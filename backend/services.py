@@ -37,7 +37,7 @@ class Services:
     predict_slots: threading.BoundedSemaphore = field(init=False)
 
     def __post_init__(self) -> None:
-        self.predict_slots = threading.BoundedSemaphore(max(1, self.settings.predict_queue_limit))
+        self.predict_slots = threading.BoundedSemaphore(self.settings.predict_slots)
         self._configs: dict[str, tuple[str, float]] = {}
 
     def known_config(self, project_id: str) -> str | None:
@@ -65,6 +65,8 @@ def build_services(settings: Settings, model: ModelServer | None = None, store: 
         settings.predict_batch_size,
         settings.max_prompt_tokens,
         settings.max_loaded_adapters,
+        load_timeout=settings.model_load_timeout,
+        wait_timeout=settings.model_wait_timeout,
     )
 
     def conn_factory() -> Any:

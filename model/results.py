@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,7 +100,11 @@ def _value_for(dim: Dimension, value: dict[str, Any]) -> str | None:
     raw = value.get(dim.control_type)
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         return None
-    return _nearest(dim.values, float(raw))
+    try:
+        number = float(raw)
+    except OverflowError:  # an int beyond any float: no value of the scale
+        return None
+    return _nearest(dim.values, number) if math.isfinite(number) else None
 
 
 def _nearest(values: Sequence[str], x: float) -> str | None:

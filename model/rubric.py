@@ -21,6 +21,8 @@ TEXT_OBJECTS = {"text", "hypertext", "paragraphs"}
 SUPPORTED_CONTROLS = {"choices", "rating", "number"}
 MAX_NUMBER_VALUES = 21
 MAX_OPTIONS = 52
+MAX_CONFIG_CHARS = 1_000_000  # Label Studio text configs are kilobytes; bounds parse time and cached memory
+MAX_DIMENSIONS = 256  # each costs prompt tokens on every task
 
 
 class RubricError(ValueError):
@@ -222,6 +224,8 @@ def parse_label_config(config: str, extra_params: Any = None) -> Rubric:
     """Turn a label config into a rubric; unsupported controls are skipped with a warning."""
     if not isinstance(config, str) or not config.strip():
         raise RubricError("label config is empty")
+    if len(config) > MAX_CONFIG_CHARS:
+        raise RubricError(f"label config is {len(config)} characters; at most {MAX_CONFIG_CHARS} are supported")
     try:
         root = SafeET.fromstring(config)
     except (ParseError, DefusedXmlException) as exc:
@@ -281,6 +285,9 @@ def parse_label_config(config: str, extra_params: Any = None) -> Rubric:
             f"attached to <Text>, <HyperText> or <Paragraphs>; found {', '.join(found)}"
             + (f" ({'; '.join(warnings)})" if warnings else "")
         )
+    if len(dims) > MAX_DIMENSIONS:
+        raise RubricError(f"label config has {len(dims)} things to predict (every option of a multiple choice "
+                          f"counts); at most {MAX_DIMENSIONS} are supported")
     used = {d.to_name for d in dims}
     shown = tuple(o for o in objects.values() if o.name in used) or tuple(objects.values())
     # Every text object is context for the model, even ones no control points at (e.g. a question).

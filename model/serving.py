@@ -6,19 +6,35 @@ import hashlib
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from model.loader import LoadedBase, load_base
-from model.prompt import PromptBuilder
+from model.prompt import Encoded, PromptBuilder, TaskDataError
 from model.results import to_ls_result
 from model.rubric import Rubric
 from model.scorer import Scorer, decode
 
 log = logging.getLogger(__name__)
+
+
+MAX_HUNG_LOADS = 2  # abandoned base-model loads whose threads may still run: no new attempt beyond this
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot answer now (still loading, load failed or timed out, busy); /predict answers 503."""
+
+
+@dataclass
+class _LoadAttempt:
+    started: float
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str = ""
+    thread: threading.Thread | None = None
 
 
 @dataclass(frozen=True)
@@ -91,31 +107,109 @@ class ModelServer:
         max_tokens: int,
         max_adapters: int,
         loader: Callable[[], LoadedBase] | None = None,
+        load_timeout: float = 600.0,
+        wait_timeout: float = 60.0,
     ) -> None:
         self._loader = loader or (lambda: load_base(base_model, model_dir, quantization, device))
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.max_adapters = max_adapters
+        self.load_timeout = load_timeout  # a base-model load running longer is abandoned (MODEL_LOAD_TIMEOUT)
+        self.wait_timeout = wait_timeout  # the longest a request waits for the model (MODEL_WAIT_TIMEOUT)
         self._base: LoadedBase | None = None
         self._scorer: Scorer | None = None
         self._adapters: AdapterSet | None = None
         self._builders: OrderedDict[tuple[int, int], PromptBuilder] = OrderedDict()
         self._load_lock = threading.Lock()
+        self._attempt: _LoadAttempt | None = None
+        self._abandoned: list[threading.Thread] = []
         self.base_name = base_model
 
     @property
     def loaded(self) -> LoadedBase | None:
         return self._base
 
-    def ensure_loaded(self) -> LoadedBase:
-        if self._base is None:
+    def status(self) -> str:
+        """loaded | not loaded | loading | failed | timed out: for /health, never blocks."""
+        attempt = self._attempt
+        if self._base is not None:
+            return "loaded"
+        if attempt is None:
+            return "not loaded"
+        if attempt.done.is_set():
+            return "failed"
+        return "timed out" if self._expired(attempt) else "loading"
+
+    def start_loading(self) -> None:
+        """Starts loading the base model in the background (serve does at boot) unless loaded or loading."""
+        with self._load_lock:
+            self._begin_attempt()
+
+    def ensure_loaded(self, wait: float | None = None) -> LoadedBase:
+        """The base model; a load in progress is waited for at most `wait` seconds (default wait_timeout).
+
+        The load itself runs in a thread of its own: a load that hangs (a stuck file system, a hub download)
+        costs a request at most its wait, never the thread forever. Past MODEL_LOAD_TIMEOUT the attempt is
+        abandoned and the next request starts a fresh one; a failed attempt is retried by the next request too.
+        """
+        if self._base is not None:
+            return self._base
+        with self._load_lock:
+            attempt = self._begin_attempt()
+        if attempt is None and self._base is not None:
+            return self._base
+        assert attempt is not None
+        left = attempt.started + self.load_timeout - time.monotonic()
+        attempt.done.wait(max(0.0, min(self.wait_timeout if wait is None else wait, left)))
+        if self._base is not None:
+            return self._base
+        raise ModelUnavailable(self._unavailable_message(attempt))
+
+    def _unavailable_message(self, attempt: _LoadAttempt) -> str:
+        elapsed = time.monotonic() - attempt.started
+        if attempt.done.is_set():
+            return f"the base model {self.base_name!r} failed to load ({attempt.error}); the next request retries"
+        if self._expired(attempt):
+            return (f"loading the base model {self.base_name!r} timed out after {self.load_timeout:.0f} s "
+                    "(MODEL_LOAD_TIMEOUT); the next request starts a new load")
+        return f"the base model {self.base_name!r} is still loading ({elapsed:.0f} s so far); retry shortly"
+
+    def _expired(self, attempt: _LoadAttempt) -> bool:
+        return not attempt.done.is_set() and time.monotonic() - attempt.started >= self.load_timeout
+
+    def _begin_attempt(self) -> _LoadAttempt | None:
+        """The running attempt, or a new one if none runs or the last failed or timed out; call under _load_lock."""
+        if self._base is not None:
+            return None
+        current = self._attempt
+        if current is not None and not current.done.is_set():
+            if not self._expired(current):
+                return current
+            self._abandoned = [t for t in self._abandoned if t.is_alive()]
+            if len(self._abandoned) >= MAX_HUNG_LOADS:
+                return current  # enough hung threads: report the timeout, start no more
+            if current.thread is not None:
+                self._abandoned.append(current.thread)
+            log.error("loading the base model timed out after %.0f s; starting a new attempt", self.load_timeout)
+        attempt = _LoadAttempt(time.monotonic())
+        attempt.thread = threading.Thread(target=self._load, args=(attempt,), name="model-load", daemon=True)
+        self._attempt = attempt
+        attempt.thread.start()
+        return attempt
+
+    def _load(self, attempt: _LoadAttempt) -> None:
+        try:
+            base = self._loader()
+            scorer = Scorer(base.model, base.tokenizer, base.device, self.batch_size)
+            adapters = AdapterSet(base.model, self.max_adapters)
             with self._load_lock:
-                if self._base is None:
-                    base = self._loader()
-                    self._scorer = Scorer(base.model, base.tokenizer, base.device, self.batch_size)
-                    self._adapters = AdapterSet(base.model, self.max_adapters)
-                    self._base = base
-        return self._base
+                if self._base is None:  # a late abandoned attempt that finishes is as good as any
+                    self._scorer, self._adapters, self._base = scorer, adapters, base
+        except Exception as exc:
+            log.exception("loading the base model %s failed", self.base_name)
+            attempt.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            attempt.done.set()
 
     def builder(self, rubric: Rubric) -> PromptBuilder:
         base = self.ensure_loaded()
@@ -139,16 +233,29 @@ class ModelServer:
         base = self.ensure_loaded()
         builder = self.builder(rubric)
         encoded = builder.encode_many([task.get("data") or {} for task in tasks])  # TaskDataError -> 4xx
+        _check_context(base, encoded)
         candidates = [space.token_ids for space in builder.spaces]
         assert self._scorer is not None and self._adapters is not None
-        with self._scorer.lock:
+        lock = self._scorer.lock
+        if not lock.acquire(timeout=self.wait_timeout):
+            raise ModelUnavailable(f"the model has been busy for {self.wait_timeout:.0f} s (MODEL_WAIT_TIMEOUT: "
+                                   "a long prediction, or an adapter load that hangs); retry later")
+        handed_off = False
+        try:
+            if adapter is not None and adapter.name not in self._adapters.loaded:
+                self._load_adapter(adapter, lock)
             model = self._adapters.activate(adapter)
-            scorer = self._scorer
             if model is None and self._adapters.model is not base.model:
                 with self._adapters.model.disable_adapter():
-                    dists = _score_unlocked(scorer, self._adapters.model, encoded, candidates)
+                    dists = _score_unlocked(self._scorer, self._adapters.model, encoded, candidates)
             else:
-                dists = _score_unlocked(scorer, model or base.model, encoded, candidates)
+                dists = _score_unlocked(self._scorer, model or base.model, encoded, candidates)
+        except _HandedOff:
+            handed_off = True
+            raise
+        finally:
+            if not handed_off:
+                lock.release()
         out = []
         for per_dim in dists:
             scores = [
@@ -158,6 +265,59 @@ class ModelServer:
             result, score = to_ls_result(rubric, scores)
             out.append(TaskPrediction(result, score, model_version))
         return out
+
+
+    def _load_adapter(self, ref: AdapterRef, lock: threading.Lock) -> None:
+        """Loads an adapter in a helper thread for at most wait_timeout (the caller holds the scorer lock).
+
+        Past that, the request gets a 503 and the helper keeps the lock until the load returns, so no other
+        request touches the half-changed model; they get 503s (busy) instead of hanging.
+        """
+        assert self._adapters is not None
+        adapters = self._adapters
+        state = {"finished": False, "abandoned": False}
+        guard = threading.Lock()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                adapters.activate(ref)
+            except Exception as exc:
+                errors.append(exc)
+            finally:
+                with guard:
+                    state["finished"] = True
+                    abandoned = state["abandoned"]
+                if abandoned:
+                    lock.release()
+                    log.warning("adapter %s finished loading after its request gave up", ref.name)
+
+        helper = threading.Thread(target=run, name=f"adapter-load-{ref.name}", daemon=True)
+        helper.start()
+        helper.join(self.wait_timeout)
+        with guard:
+            if not state["finished"]:
+                state["abandoned"] = True
+        if state["abandoned"]:
+            log.error("adapter %s did not load within %.0f s (%s)", ref.name, self.wait_timeout, ref.path)
+            raise _HandedOff(f"adapter {ref.name} did not load within {self.wait_timeout:.0f} s "
+                             "(MODEL_WAIT_TIMEOUT); retry later")
+        if errors:
+            raise ModelUnavailable(f"adapter {ref.name} could not be loaded from {ref.path.name}: "
+                                   f"{type(errors[0]).__name__}; serve another one with `slm-annotator rollback`")
+
+
+class _HandedOff(ModelUnavailable):
+    """The scorer lock now belongs to a helper thread: the request must not release it."""
+
+
+def _check_context(base: LoadedBase, encoded: Sequence[Encoded]) -> None:
+    """A prompt past the model's context would fail inside the forward pass: name the cause instead."""
+    limit = getattr(getattr(base.model, "config", None), "max_position_embeddings", None)
+    longest = max((len(e.input_ids) for e in encoded), default=0)
+    if isinstance(limit, int) and longest > limit:
+        raise TaskDataError(f"the prompt needs {longest} tokens, more than the model's context of {limit}: the "
+                            "rubric alone is too long for this model (MAX_PROMPT_TOKENS cuts only the texts)")
 
 
 def _score_unlocked(scorer: Scorer, model: Any, encoded: Any, candidates: Any) -> Any:

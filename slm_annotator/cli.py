@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ from slm_annotator.settings import Settings, load_settings
 
 
 def _logging(settings: Settings) -> None:
+    from slm_annotator import redact
+
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact.install(settings)
 
 
 def _prepare(settings: Settings) -> str:
@@ -59,14 +63,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             self.cfg.set("control_socket", str(settings.model_dir / "gunicorn.ctl"))  # not one per $HOME
 
         def load(self) -> Any:
-            import threading
-
             from backend.app import create_app
 
             app = create_app(load_settings())
             # Load the model in the background at boot: /health and /setup stay instant, and Label Studio's
-            # first /predict (100 s timeout) does not pay for the load.
-            threading.Thread(target=app.extensions["slm"].model.ensure_loaded, daemon=True).start()
+            # first /predict (100 s timeout) does not pay for the load (bounded by MODEL_LOAD_TIMEOUT).
+            app.extensions["slm"].model.start_loading()
             return app
 
     try:
@@ -82,24 +84,62 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+WORKER_TTL = 45  # an idle worker wakes from its blocking dequeue every WORKER_TTL - 15 = 30 s
+WORKER_RESTART_S = 5.0
+
+
+def build_worker(settings: Settings, name: str | None = None) -> Any:
+    """An RQ worker whose maintenance really runs every minute, idle or not.
+
+    Maintenance (every 60 s; RQ's default is 10 minutes) retries a job whose worker was killed once its heartbeat
+    lapses (~90 s), and restarts the scheduler that enqueues retries. RQ runs it only between blocking dequeues,
+    which last worker_ttl - 15 s (405 s by default): a short worker_ttl keeps an idle worker from sleeping past it.
+    """
+    from redis.exceptions import RedisError
     from rq import Queue, Worker
 
     from worker.policy import QUEUE_NAME
     from worker.redis_conn import connect
 
+    class BlipProofWorker(Worker):  # type: ignore[misc]
+        """Rides out a Redis blip while a job runs: a missed heartbeat is no reason to end hours of training."""
+
+        def maintain_heartbeats(self, job: Any, execution: Any) -> None:
+            try:
+                super().maintain_heartbeats(job, execution)
+            except RedisError as exc:
+                self.log.warning("heartbeat missed (Redis unreachable: %s); the job goes on", exc)
+
+    conn = connect(settings.redis_url, settings.model_dir)
+    return BlipProofWorker([Queue(QUEUE_NAME, connection=conn)], connection=conn, name=name,
+                           maintenance_interval=60, worker_ttl=WORKER_TTL)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Works until told to stop. RQ's worker quits when Redis goes away mid-job; this one starts again."""
     settings = load_settings()
     _logging(settings)
     _prepare(settings)
-    conn = connect(settings.redis_url, settings.model_dir)
     # Training yields the CPU to the request path when both share a machine (the one-command quickstart):
     # webhooks must stay well under Label Studio's 1 s timeout while a job trains.
     os.nice(10)
-    # Maintenance every minute (RQ's default is 10): a job whose worker was killed is retried soon after its
-    # heartbeat lapses (~90 s), not up to 10 minutes later.
-    worker = Worker([Queue(QUEUE_NAME, connection=conn)], connection=conn, name=args.name, maintenance_interval=60)
-    worker.work(with_scheduler=True, burst=args.burst, logging_level=settings.log_level)
-    return 0
+    from redis.exceptions import RedisError
+
+    log = logging.getLogger("slm_annotator.worker")
+    while True:
+        worker = build_worker(settings, args.name)
+        try:
+            worker.work(with_scheduler=True, burst=args.burst, logging_level=settings.log_level)
+        except (RedisError, OSError) as exc:  # e.g. registering a new worker while Redis is still down
+            log.warning("the RQ worker could not run: %s", exc)
+        if args.burst or worker._shutdown_requested_date is not None:
+            return 0
+        # Its job (if any) is retried once its heartbeat lapses; the horse died with it (die_with_worker).
+        log.warning("the RQ worker quit on an error (Redis unreachable?); starting a new one in %.0f s",
+                    WORKER_RESTART_S)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # RQ's handlers belong to the worker that quit
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        time.sleep(WORKER_RESTART_S)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -93,6 +93,8 @@ class Settings:
     workers: int
     threads: int
     predict_queue_limit: int
+    model_load_timeout: float
+    model_wait_timeout: float
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -105,6 +107,15 @@ class Settings:
         base = self.base_model.lower().rstrip("/")
         name = "smollm2-135m" if base.startswith("smollm2") else base.split("/")[-1]
         return f"{name}-{self.quantization}-base"
+
+    @property
+    def predict_slots(self) -> int:
+        """Concurrent /predict requests per process: below THREADS, so a webhook always finds a free thread.
+
+        Label Studio waits 1 s for a webhook and never retries it: if every gunicorn thread of a process could
+        sit in a long prediction, labels arriving meanwhile would be lost.
+        """
+        return max(1, min(self.predict_queue_limit, self.threads - 1))
 
     def adapter_version(self, project_id: str, version: int) -> str:
         return f"{self.base_version.removesuffix('-base')}-p{project_id}-v{version}"
@@ -171,4 +182,6 @@ def load_settings() -> Settings:
         workers=_env_int("WORKERS", 1),
         threads=_env_int("THREADS", 4),
         predict_queue_limit=_env_int("PREDICT_QUEUE_LIMIT", 8),
+        model_load_timeout=_env_float("MODEL_LOAD_TIMEOUT", 600.0),
+        model_wait_timeout=_env_float("MODEL_WAIT_TIMEOUT", 60.0),
     )

@@ -27,6 +27,7 @@ from slm_annotator.schema import AdapterVersion, Annotation, Prediction, Project
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATION_LOCK_KEY = 0x534C4D41  # "SLMA": one advisory lock id for this app's migrations, per database
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        # hide_parameters: a database error's message (logged with its traceback) never carries label texts or
+        # the Label Studio access token stored by /setup.
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -71,13 +74,22 @@ def make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
 def migrate(engine: Engine) -> None:
+    """Upgrades to head; safe when several processes (gunicorn workers, the RQ worker) start at once.
+
+    Each upgrade runs in one transaction that first takes a database-wide lock: PostgreSQL's transaction-scoped
+    advisory lock, SQLite's write lock (BEGIN IMMEDIATE). The others wait, then find the schema at head.
+    """
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
+    if engine.dialect.name == "sqlite":
+        engine = engine.execution_options(sqlite_begin="IMMEDIATE")
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

@@ -18,6 +18,7 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from backend.app import create_app
+from slm_annotator.schema import utcnow
 from slm_annotator.store import Store
 from tests.toy import CONFIG, fill, toy_label, worker_env
 from worker.pipeline import run_training
@@ -70,9 +71,12 @@ def test_worker_killed_mid_training_keeps_the_served_adapter_and_the_job_recover
     try:
         job = Job.fetch(job_id("9"), connection=conn)
         _wait(lambda: job.get_meta(refresh=True).get("step", 0) >= 3, 180, "training steps in the job's meta")
+        family = _descendants(proc.pid)  # the work horse (in a process group of its own) and the scheduler
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker and its work horse, as the OOM killer would
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker's group, as a supervisor would
         proc.wait(timeout=30)
+    assert family, "the worker had no work horse"
+    _wait(lambda: not [p for p in family if _running(p)], 10, "the work horse to die with its worker")
     assert job.get_status(refresh=True) == JobStatus.STARTED  # abandoned: nobody will finish it
     assert store.served_adapter("9").version == served.version and _digest(Path(served.path)) == before
     assert [a.version for a in store.adapters("9")] == [1]
@@ -127,6 +131,90 @@ def test_redis_stopped_while_webhooks_arrive_loses_nothing_and_trains_after(sett
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r.status for r in store.runs("11")] in (["promoted"], ["refused"])
     assert not store.project("11").training_requested and store.pending_changes("11") == 0
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
+
+
+def test_an_idle_worker_runs_its_maintenance_every_minute(settings, private_redis) -> None:
+    """RQ runs maintenance (abandoned-job retries, scheduler restarts) only between blocking dequeues."""
+    from slm_annotator.cli import build_worker
+
+    worker = build_worker(replace(settings, redis_url=private_redis[1]))
+    assert worker.maintenance_interval == 60 and worker.dequeue_timeout <= 30
+
+
+def test_a_worker_outlives_redis_going_away_mid_job(settings, private_redis, tmp_path) -> None:
+    """RQ's worker quits when Redis vanishes under a running job; `slm-annotator worker` starts a new one."""
+    folder, url = private_redis
+    conn = Redis.from_url(url)
+    queue = Queue(QUEUE_NAME, connection=conn)
+    first = queue.enqueue("time.sleep", 20, job_timeout=120)
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(WORKER, env=worker_env(replace(settings, redis_url=url)), start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: first.get_status(refresh=True) == JobStatus.STARTED, 60, "the first job to start")
+        stop_embedded(folder)
+        _wait(lambda: "starting a new one" in log.read_text(errors="replace"), 90, "the worker to notice")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        ensure_embedded(folder)
+        second = Queue(QUEUE_NAME, connection=Redis.from_url(url)).enqueue("math.sqrt", 16.0)
+        _wait(lambda: second.get_status(refresh=True) == JobStatus.FINISHED, 90, "a new job done after Redis is back")
+        assert second.return_value() == 4.0
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_a_redis_outage_during_training_does_not_end_the_run(settings, private_redis) -> None:
+    """Progress and heartbeats miss Redis for a few seconds; the training run goes on and promotes once."""
+    folder, url = private_redis
+    settings = replace(settings, redis_url=url, train_epochs=25, train_lr=1e-2, heldout_fraction=0.25,
+                       token_dropout_share=0.0, lora_r=8, train_retries=0)
+    store = Store(settings.database_url)
+    fill(store, "12", n_tasks=20)
+    conn = Redis.from_url(url)
+    enqueue_training(conn, settings, "12", "test")
+    proc = subprocess.Popen(WORKER, env=worker_env(settings), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        job = Job.fetch(job_id("12"), connection=conn)
+        _wait(lambda: job.get_meta(refresh=True).get("step", 0) >= 2, 180, "training steps")
+        stopped = utcnow()
+        stop_embedded(folder)
+        time.sleep(5)  # progress reports fail meanwhile
+        ensure_embedded(folder)
+        _wait(lambda: store.runs("12") and store.runs("12")[-1].status != "running", 300, "the run to end")
+        assert [r.status for r in store.runs("12")] == ["promoted"], store.runs("12")[-1].error[-2000:]
+        assert store.runs("12")[0].finished_at > stopped, "the run ended before the outage: nothing was tested"
+        assert proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def _alive(url: str) -> bool:

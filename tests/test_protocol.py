@@ -109,6 +109,22 @@ def test_oversized_body_is_413(settings, embedded_redis_url) -> None:
     assert reply.status_code == 413 and "MAX_BODY_BYTES" in reply.json["error"]
 
 
+def test_oversized_chunked_body_is_413_not_a_truncated_400(settings, embedded_redis_url) -> None:
+    """Without Content-Length (chunked), the stream is cut at MAX_BODY_BYTES: that must still be a 413."""
+    import io
+
+    from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+    app = create_app(replace(settings, redis_url=embedded_redis_url, max_body_bytes=1000))
+    body = b'{"action": "X", "pad": "' + b"x" * 5000 + b'"}'
+    environ = EnvironBuilder(path="/webhook", method="POST", content_type="application/json").get_environ()
+    environ.pop("CONTENT_LENGTH", None)  # as gunicorn passes a chunked request
+    environ.update({"wsgi.input": io.BytesIO(body), "wsgi.input_terminated": True, "HTTP_TRANSFER_ENCODING": "chunked"})
+    chunks, status, _ = run_wsgi_app(app, environ, buffered=True)
+    reply = json.loads(b"".join(chunks))
+    assert status.startswith("413") and "MAX_BODY_BYTES" in reply["error"], (status, reply)
+
+
 def test_setup_rejects_a_config_with_nothing_to_predict(client) -> None:
     reply = client.post("/setup", json={"project": "3", "schema": '<View><Text name="t" value="$t"/></View>'})
     assert reply.status_code == 422 and "nothing to predict" in reply.json["error"]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+import sys
 import traceback
 from typing import Any
 
+from redis.exceptions import RedisError
 from rq import get_current_job
 
 from model.rubric import RubricError
@@ -16,19 +21,43 @@ from worker.policy import due
 from worker.sync import SyncError, sync_project
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_worker() -> None:
+    """The RQ work horse running this job dies when its worker dies, even by SIGKILL (Linux).
+
+    RQ forks the horse into a process group of its own, so killing the worker (or its group) would leave the
+    horse training on, unseen, while RQ retries the job elsewhere: two trainings of one project at once.
+    """
+    if get_current_job() is None or not sys.platform.startswith("linux"):
+        return  # inline (CLI, tests): no worker to die with
+    worker = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot tie the work horse to its worker: %s", exc)
+        return
+    if os.getppid() != worker:  # the worker died before prctl took effect
+        os._exit(1)
 
 
 def _progress(update: dict[str, Any]) -> None:
+    """Progress goes to the job's meta in Redis: informational, so a Redis blip must not end the training."""
     job = get_current_job()
     step = update.get("step")
     if step and (step == 1 or step % 5 == 0 or step == update.get("total_steps")):
         log.info("training progress %s", update)
     if job is not None:
         job.meta.update(update)
-        job.save_meta()
+        try:
+            job.save_meta()
+        except RedisError as exc:
+            log.warning("training progress not saved (Redis unreachable: %s); training goes on", exc)
 
 
 def train_project(project_id: str, trigger: str = "threshold", continual: bool = False) -> dict[str, Any]:
+    die_with_worker()
     settings = load_settings()
     store = Store(settings.database_url)
     job = get_current_job()
@@ -63,6 +92,7 @@ def train_project(project_id: str, trigger: str = "threshold", continual: bool =
 
 
 def sync_job(project_id: str) -> dict[str, Any]:
+    die_with_worker()
     settings = load_settings()
     store = Store(settings.database_url)
     return sync_project(settings, store, project_id)

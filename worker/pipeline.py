@@ -27,6 +27,7 @@ from slm_annotator.store import Store
 
 log = logging.getLogger(__name__)
 MIN_TASKS = 4
+STALE_TMP_SECONDS = 600  # a temp adapter dir this old belongs to a run that died while saving
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -130,6 +131,17 @@ def run_training(
     return RunOutcome("promoted" if promote else "refused", detail, model_version, metrics)
 
 
+def _remove_stale_tmp(folder: Path) -> None:
+    """Temp dirs of runs killed while saving: never served, only disk."""
+    cutoff = time.time() - STALE_TMP_SECONDS
+    for stale in folder.glob(".tmp-*"):
+        try:
+            if stale.stat().st_mtime < cutoff:
+                shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -138,6 +150,7 @@ def _write_adapter(settings: Settings, project_id: str, version: int, peft_model
     """Temp dir + rename: a reader sees no adapter dir or a complete one, never a half-written one."""
     folder = project_dir(settings, project_id)
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(folder)
     tmp = folder / f".tmp-v{version}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(peft_model, tmp, meta)

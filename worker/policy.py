@@ -72,8 +72,20 @@ def enqueue_training(conn: Redis, settings: Settings, project_id: str, trigger: 
                 continue
             if job.get_status(refresh=True) in ACTIVE:
                 return "already queued"
-            job.delete()  # a finished or failed run: its id is free for the next one
+            _free_job_id(conn, job)  # a finished or failed run: its id is free for the next one
     return "already queued"
+
+
+def _free_job_id(conn: Redis, job: Job) -> None:
+    """Deletes a finished job; RQ's delete trips over executions a killed worker left behind ("Execution ... not
+    found in Redis"), and then only the job's key goes, which is all that unique=True looks at."""
+    try:
+        job.delete()
+    except (RedisError, OSError):
+        raise
+    except Exception as exc:
+        log.warning("finished job %s did not delete cleanly (%s); removing its key", job.id, exc)
+        conn.delete(job.key)
 
 
 @dataclass
@@ -119,6 +131,9 @@ class Trigger:
             self._conn = None
             log.warning("redis unavailable, training of project %s stays requested: %s", project_id, exc)
             return "deferred: redis unavailable"
+        except Exception:  # the label is stored: a queue problem must not fail its webhook; the flusher retries
+            log.exception("could not queue training of project %s; it stays requested", project_id)
+            return "deferred: queue error"
         return state
 
     def flush_all(self) -> None:

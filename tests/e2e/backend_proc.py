@@ -33,7 +33,7 @@ SETTINGS_ENV = (
     "TRAIN_JOB_TIMEOUT", "TRAIN_RETRIES", "HELDOUT_FRACTION", "PROMOTION_TOLERANCE", "TRAIN_EPOCHS", "TRAIN_LR",
     "TRAIN_BATCH_SIZE", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGETS", "TOKEN_DROPOUT",
     "TOKEN_DROPOUT_SHARE", "SEED", "OUTBOUND_TIMEOUT", "LOG_LEVEL", "WORKERS", "THREADS", "PREDICT_QUEUE_LIMIT",
-    "PROMETHEUS_MULTIPROC_DIR",
+    "PROMETHEUS_MULTIPROC_DIR", "MODEL_LOAD_TIMEOUT", "MODEL_WAIT_TIMEOUT", "TRAIN_RETRY_DELAYS",
 )
 
 
@@ -63,8 +63,12 @@ class BackendProcess:
         env: dict[str, str] | None = None,
         port: int | None = None,
         startup_timeout: float = 180.0,
+        serve_args: tuple[str, ...] = (),
+        auth: tuple[str, str] | None = None,
     ) -> None:
         self.model_dir = Path(model_dir).resolve()
+        self.serve_args = serve_args  # e.g. ("--no-worker",): a worker of its own, killed and restarted apart
+        self.auth = auth  # BASIC_AUTH_USER/PASS of the backend, for /health and request()
         self.extra_env = dict(env or {})
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -94,7 +98,7 @@ class BackendProcess:
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(slm_binary()), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                [str(slm_binary()), "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.serve_args],
                 env=self.env(),
                 cwd=str(self.model_dir.parent),
                 stdout=log,
@@ -107,7 +111,7 @@ class BackendProcess:
             if self.proc.poll() is not None:
                 raise BackendError(f"slm-annotator serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                r = requests.get(self.url + "/health", timeout=2)
+                r = requests.get(self.url + "/health", timeout=2, auth=self.auth)
                 if r.status_code == 200 and r.json().get("status") == "UP":
                     self.startup_seconds = time.monotonic() - t0
                     return self
@@ -183,6 +187,7 @@ class BackendProcess:
 
     def request(self, method: str, path: str, expect: tuple[int, ...] = (200,), **kw: Any) -> Any:
         kw.setdefault("timeout", 60)
+        kw.setdefault("auth", self.auth)
         # A fresh connection per call: gunicorn closes idle keep-alive connections after 2 s, and a reused
         # one can be closed just as the next request goes out ("Remote end closed connection").
         r = requests.request(method, self.url + path, headers={"Connection": "close"}, **kw)
