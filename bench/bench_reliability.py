@@ -211,9 +211,13 @@ def load_items() -> tuple[str, list[DevItem]]:
         return dev.label_config, dev.items
     except (OSError, ValueError) as exc:
         log.info("USR data unavailable (%s): synthetic items on the USR config", exc)
+    from model.devdata import _usr_config
+
+    config = _usr_config()  # the config the harness's payloads are written for (its control names and types)
     fixtures = ROOT / "tests" / "fixtures" / "label_configs"
-    config = (fixtures / "usr_personachat.xml").read_text()
     data = json.loads((fixtures / "usr_personachat.task.json").read_text())["data"]
+    if isinstance(data.get("context"), list):
+        data = {**data, "context": "\n".join(f"{t.get('author', '')}: {t.get('text', '')}" for t in data["context"])}
     rng = random.Random(0)
     scales = {"Understandable": (0, 1), "Natural": (1, 3), "Maintains_Context": (1, 3), "Engaging": (1, 3),
               "Uses_Knowledge": (0, 1), "Overall": (1, 5)}
