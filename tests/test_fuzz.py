@@ -465,30 +465,23 @@ def test_a_rubric_longer_than_the_model_context_is_a_422(app) -> None:
 @pytest.fixture(scope="module")
 def pg_app(tmp_path_factory, tiny_model_dir, embedded_redis_url) -> Iterator[Any]:
     """The same app on PostgreSQL, which refuses more than SQLite does (NUL in text, out-of-range integers)."""
-    from sqlalchemy import create_engine, text
+    from tests.pg import PG_URL, fresh_schema, scoped
 
-    from tests.test_migrations import PG_URL, _pg_available
+    with fresh_schema("fuzz") as schema:
+        yield from _pg_app(tmp_path_factory, tiny_model_dir, embedded_redis_url, scoped(PG_URL, schema))
 
-    if not _pg_available():
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
-    schema = f"fuzz_{tmp_path_factory.getbasetemp().name.replace('-', '_')}"
-    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
+
+def _pg_app(tmp_path_factory: Any, tiny_model_dir: Any, embedded_redis_url: str, url: str) -> Iterator[Any]:
     mp = pytest.MonkeyPatch()
     mp.setenv("MODEL_DIR", str(tmp_path_factory.mktemp("fuzz-pg") / "model_dir"))
     mp.setenv("BASE_MODEL", str(tiny_model_dir))
     mp.setenv("QUANTIZATION", "none")
     pg_settings = replace(load_settings(), redis_url=embedded_redis_url, train_threshold=10**9,
-                          database_url=f"{PG_URL}?options=-csearch_path%3D{schema}")
+                          database_url=url)
     flask_app = create_app(pg_settings)
     assert flask_app.test_client().post("/setup", json={"project": PROJECT, "schema": CONFIG}).status_code == 200
     yield flask_app
     flask_app.extensions["slm"].store.engine.dispose()
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
     mp.undo()
 
 

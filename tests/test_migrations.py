@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect, text
 
-PG_URL = os.environ.get("DATABASE_URL_TEST", "postgresql://postgres@127.0.0.1:5432/test")
+from tests.pg import PG_URL, fresh_schema, scoped
+
 PROCESSES = 6
 TABLES = {"alembic_version", "projects", "annotations", "adapters", "training_runs", "predictions"}
 # Light imports only: every spawned process imports this module (no torch, no Flask app).
-
-
-def _pg_available() -> bool:
-    try:
-        import psycopg
-
-        psycopg.connect(PG_URL, connect_timeout=2).close()
-        return True
-    except Exception:
-        return False
 
 
 def _open_store(url: str, barrier: object, results: object) -> None:
@@ -77,16 +67,8 @@ def _check_schema(url: str) -> None:
 
 @pytest.fixture
 def pg_schema_url() -> Iterator[str]:
-    if not _pg_available():
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set DATABASE_URL_TEST)")
-    schema = f"mig_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    yield PG_URL + ("&" if "?" in PG_URL else "?") + f"options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    with fresh_schema("mig") as schema:
+        yield scoped(PG_URL, schema)
 
 
 @pytest.mark.postgres

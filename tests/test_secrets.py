@@ -13,19 +13,17 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import create_engine, text
 
 from backend.app import create_app
 from slm_annotator.settings import load_settings
 from tests.e2e.backend_proc import BackendProcess
-from tests.test_migrations import PG_URL, _pg_available
+from tests.pg import PG_URL, fresh_schema
 from tests.toy import CONFIG, toy_label
 
 PASSWORD = "basic-PW-7f3a91c2"
@@ -74,17 +72,9 @@ def label_studio() -> Iterator[str]:
 @pytest.fixture
 def pg_url_with_password() -> Iterator[str]:
     """A fresh schema, reached through a URL that carries a password (the local server trusts loopback)."""
-    if not _pg_available():
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
-    schema = f"sec_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
     host = PG_URL.split("@", 1)[1]
-    yield f"postgresql://postgres:{DB_PASSWORD}@{host}?options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    with fresh_schema("sec") as schema:
+        yield f"postgresql://postgres:{DB_PASSWORD}@{host}?options=-csearch_path%3D{schema}"
 
 
 def _auth(password: str = PASSWORD) -> dict[str, str]:

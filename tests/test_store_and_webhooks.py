@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import text
 
 from backend.app import create_app
 from slm_annotator.store import LabelIn, Store
+from tests.pg import PG_URL, fresh_schema, scoped
 
 CONFIG = """<View><Text name="text" value="$text"/>
 <Choices name="sentiment" toName="text"><Choice value="pos"/><Choice value="neg"/></Choices></View>"""
-PG_URL = os.environ.get("DATABASE_URL_TEST", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _pg_available() -> bool:
-    try:
-        import psycopg
-
-        psycopg.connect(PG_URL.replace("postgresql+psycopg", "postgresql"), connect_timeout=2).close()
-        return True
-    except Exception:
-        return False
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -32,18 +19,8 @@ def store(request, tmp_path):
     if request.param == "sqlite":
         yield Store(f"sqlite:///{tmp_path / 'labels.sqlite3'}")
         return
-    if not _pg_available():
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set DATABASE_URL_TEST)")
-    schema = f"t_{uuid.uuid4().hex[:10]}"
-    from sqlalchemy import create_engine
-
-    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    url = PG_URL + ("&" if "?" in PG_URL else "?") + f"options=-csearch_path%3D{schema}"
-    yield Store(url)
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    with fresh_schema("t") as schema:
+        yield Store(scoped(PG_URL, schema))
 
 
 def label(ann_id: int, value: str, stamp: str, task: int = 1, **kw) -> LabelIn:
