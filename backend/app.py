@@ -19,6 +19,7 @@ from backend.report import bp as report_bp
 from backend.services import Services, build_services
 from backend.store_metrics import StoreCollector
 from slm_annotator import redact
+from slm_annotator.costs import Prices
 from slm_annotator.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.extensions["slm"] = svc
     app.register_blueprint(protocol_bp)
     app.register_blueprint(report_bp)
-    store_metrics = StoreCollector(svc.store)
+    store_metrics = StoreCollector(svc.store, Prices.of(settings))
 
     @app.before_request
     def _auth_and_timer() -> Any:
@@ -109,11 +110,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
 
 def _start_flusher(svc: Services, period: float = 5.0) -> None:
-    """Re-sends training requests that found Redis down; a daemon thread per process."""
+    """Re-sends training requests that found Redis down; a daemon thread per app, until Services.close()."""
 
     def loop() -> None:
-        while True:
-            time.sleep(period)
+        while not svc.stopped.wait(period):
             try:
                 svc.trigger.flush_all()
             except Exception:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from dataclasses import replace
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
@@ -11,6 +13,7 @@ from flask import Blueprint, current_app, jsonify, request
 from backend import metrics
 from backend.errors import ApiError
 from backend.payloads import INT64, clean_text, int64, json_body, label_from, project_id
+from backend.routing import Routed, route_predictions, routing_policy
 from backend.services import Services, base_version, cached_rubric
 from model.prompt import TaskDataError
 from model.results import values_from_result
@@ -111,8 +114,13 @@ def predict() -> Any:
     if not svc.predict_slots.acquire(timeout=0.05):
         metrics.REJECTED.inc()
         raise ApiError(503, "overloaded: too many predictions in flight (PREDICT_QUEUE_LIMIT); retry later")
-    try:
-        preds = svc.model.predict(rubric, tasks, adapter, version, str(extra.get("decoding", "argmax")))
+    policy = routing_policy(svc.settings, extra)
+    started = time.perf_counter()
+    try:  # the slot covers the judge calls too: a thread waiting on the judge must not take a webhook's place
+        preds = svc.model.predict(rubric, tasks, adapter, version, str(extra.get("decoding", "argmax")),
+                                  policy.members)
+        routed = route_predictions(rubric, tasks, preds, policy, svc.judge(), svc.store if pid else None,
+                                   pid or "", svc.settings, time.perf_counter() - started)
     except TaskDataError as exc:
         raise ApiError(422, str(exc)) from exc
     except ModelUnavailable as exc:
@@ -125,21 +133,24 @@ def predict() -> Any:
         metrics.MODEL_LOAD.set(base.load_seconds)
     metrics.PREDICTIONS.labels(pid or "none").inc(len(preds))
     if pid:
-        _record(svc, pid, rubric, tasks, preds)
+        _record(svc, pid, rubric, tasks, preds, routed)
+        if any(r.route == "judge" for r in routed):
+            svc.trigger.maybe_train(pid)  # the judge's answers fill the hard-sample pool
     return jsonify(
-        results=[{"result": p.result, "score": p.score, "model_version": p.model_version} for p in preds],
+        results=[{"result": r.result, "score": r.score, "model_version": p.model_version}
+                 for r, p in zip(routed, preds, strict=True)],
         model_version=version,
     )
 
 
-def _record(svc: Services, pid: str, rubric: Rubric, tasks: list[Any], preds: list[Any]) -> None:
+def _record(svc: Services, pid: str, rubric: Rubric, tasks: list[Any], preds: list[Any], routed: list[Routed]) -> None:
     rows = []
-    for task, pred in zip(tasks, preds, strict=True):
+    for task, pred, r in zip(tasks, preds, routed, strict=True):
         task_id = task.get("id")
         if isinstance(task_id, int) and not isinstance(task_id, bool) and -INT64 <= task_id < INT64:
-            values = values_from_result(rubric, pred.result)
+            values = values_from_result(rubric, r.result)
             rows.append({"task_id": task["id"], "model_version": pred.model_version, "values": values,
-                         "score": pred.score})
+                         "score": r.score, "uncertainty": r.uncertainty, "route": r.route})
     try:
         svc.store.record_predictions(pid, rows)
     except Exception:
@@ -212,12 +223,19 @@ def _store_annotation(svc: Services, body: dict[str, Any]) -> dict[str, Any]:
         except RubricError:
             values = {}  # still stored: training re-parses raw results against the config of its time
     label = label_from(annotation, body.get("task"), "webhook", values)
+    routed = _was_routed(svc, pid, label.task_id)
+    if routed:
+        label = replace(label, hard=True)  # the ensemble disagreed on this task: a hard sample
     changed = svc.store.upsert_label(pid, label)
     if changed:
         metrics.LABELS_STORED.labels(pid).inc()
     state = svc.trigger.maybe_train(pid) if changed else "unchanged"
     metrics.TRAININGS_QUEUED.labels(state.split(":")[0]).inc()
     return {"status": "stored" if changed else "unchanged", "training": state}
+
+
+def _was_routed(svc: Services, pid: str, task_id: int | None) -> bool:
+    return task_id is not None and bool(svc.store.latest_route(pid, task_id))
 
 
 def _delete_annotations(svc: Services, body: dict[str, Any]) -> dict[str, Any]:

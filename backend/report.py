@@ -16,6 +16,7 @@ from backend.errors import ApiError
 from backend.payloads import project_id
 from backend.services import Services
 from model.report_html import CSP, render_project
+from slm_annotator.costs import Prices
 from slm_annotator.project_report import build_project_report
 
 bp = Blueprint("report", __name__)
@@ -47,7 +48,7 @@ def _report(project: str) -> dict[str, Any]:
         hit = _cache.get(key)
     if hit and hit[0] == seq and time.monotonic() < hit[1]:
         return hit[2]
-    report = build_project_report(svc.store, pid, svc.settings.base_version, key[1])
+    report = build_project_report(svc.store, pid, svc.settings.base_version, key[1], prices=Prices.of(svc.settings))
     report["json_url"] = f"/report/{pid}.json"
     with _lock:
         if len(_cache) >= MAX_CACHED:

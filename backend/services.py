@@ -9,6 +9,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from backend.routing import judge_config
+from model.judge import Judge
 from model.rubric import Rubric, parse_label_config
 from model.serving import AdapterRef, ModelServer
 from slm_annotator.settings import Settings
@@ -34,11 +36,30 @@ class Services:
     store: Store
     model: ModelServer
     trigger: Trigger
+    judge_client: Judge | None = None  # built from JUDGE_URL / JUDGE_MODEL on first use
     predict_slots: threading.BoundedSemaphore = field(init=False)
+    stopped: threading.Event = field(init=False, default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.predict_slots = threading.BoundedSemaphore(self.settings.predict_slots)
         self._configs: dict[str, tuple[str, float]] = {}
+        self._judge_lock = threading.Lock()
+
+    def judge(self) -> Judge | None:
+        """The OpenAI-compatible judge, if one is configured (the client is cheap: no connection until asked)."""
+        if self.judge_client is None:
+            cfg = judge_config(self.settings)
+            if cfg is None:
+                return None
+            with self._judge_lock:
+                if self.judge_client is None:
+                    self.judge_client = Judge(cfg)
+        return self.judge_client
+
+    def close(self) -> None:
+        """Stops this app's background flusher, so an app that is done with (tests, reloads) stops touching a
+        database and a queue that may be gone or belong to someone else."""
+        self.stopped.set()
 
     def known_config(self, project_id: str) -> str | None:
         """The project's label config as this process last saw it, for a few seconds (one read per webhook less)."""

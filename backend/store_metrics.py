@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from slm_annotator.costs import Prices, cost_table
 from slm_annotator.store import Store
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,9 @@ ALPHA_MEASURES = {"alpha_model_vs_consensus": "model_vs_consensus", "alpha_model
 
 
 class StoreCollector(Collector):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, prices: Prices | None = None) -> None:
         self.store = store
+        self.prices = prices
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily("slm_store_up", "1 if the label store could be read for this scrape")
@@ -66,4 +68,30 @@ class StoreCollector(Collector):
             if finished:
                 latest = max(finished, key=lambda r: r.finished_at)  # type: ignore[arg-type,return-value]
                 last.add_metric([pid, latest.status], latest.finished_at.timestamp())  # type: ignore[union-attr]
-        return [labels, version, alpha, runs, last]
+        return [labels, version, alpha, runs, last, *self._route_families()]
+
+    def _route_families(self) -> list[GaugeMetricFamily]:
+        """Per project and route (slm | judge | human): items, tokens, compute seconds, estimated cost."""
+        names = {"items": "Items sent to the route", "failures": "Items the route failed on (judge errors)",
+                 "prompt_tokens": "Prompt tokens", "completion_tokens": "Completion tokens",
+                 "seconds": "Compute / wall seconds spent"}
+        fams = {k: GaugeMetricFamily(f"slm_route_{k}", text, labels=["project", "route"]) for k, text in names.items()}
+        cost = GaugeMetricFamily("slm_route_cost_estimate", "Estimated cost from the PRICE_* table",
+                                 labels=["project", "route"])
+        everything = GaugeMetricFamily(
+            "slm_all_to_judge_cost_estimate",
+            "What sending every predicted item to the judge would have cost (once the judge has answered one)",
+            labels=["project"])
+        by_project: dict[str, list[Any]] = {}
+        for row in self.store.usage():
+            by_project.setdefault(row.project_id, []).append(row)
+            for key, fam in fams.items():
+                fam.add_metric([row.project_id, row.route], float(getattr(row, key)))
+        if self.prices is not None:
+            for pid, rows in by_project.items():
+                table = cost_table(rows, self.prices)
+                for route, r in table["routes"].items():
+                    cost.add_metric([pid, route], r["cost"])
+                if table["all_to_judge_cost"] is not None:
+                    everything.add_metric([pid], table["all_to_judge_cost"])
+        return [*fams.values(), cost, everything]

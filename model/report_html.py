@@ -283,6 +283,8 @@ def render_project(report: dict[str, Any]) -> str:
     elif report.get("agreement_reason"):
         sections.append(f"<h2>Agreement per dimension</h2><p class=\"na\">{esc(report['agreement_reason'])}</p>")
     sections += _adapter_sections(report.get("adapters") or [])
+    if report.get("costs"):
+        sections.append(_cost_table(report["costs"], report.get("hard_pool")))
     sections.append(_runs_table(report.get("runs") or []))
     sections.append('<p class="note">The same numbers as JSON: <a href="'
                     f'{esc(report.get("json_url", ""))}">{esc(report.get("json_url", ""))}</a></p>')
@@ -302,6 +304,26 @@ def _adapter_sections(adapters: Sequence[dict[str, Any]]) -> list[str]:
     chart = version_chart(adapters, "model_vs_consensus",
                           "held-out α (model vs consensus) per dimension, by adapter version; open: not served now")
     return ["<h2>α by adapter version over time</h2>", chart, table]
+
+
+ROUTE_NAMES = {"slm": "small model (every item)", "judge": "judge (uncertain items)",
+               "human": "humans (uncertain items)"}
+
+
+def _cost_table(costs: dict[str, Any], pool: int | None) -> str:
+    """Items, tokens, compute and estimated cost per route, next to sending every item to the judge."""
+    rows = "".join(
+        f"<tr><td>{esc(ROUTE_NAMES.get(route, route))}</td><td class=\"num\">{r['items']}</td>"
+        f"<td class=\"num\">{r['failures']}</td><td class=\"num\">{r['prompt_tokens']}</td>"
+        f"<td class=\"num\">{r['completion_tokens']}</td>{number_cell(r['seconds'], 1)}{number_cell(r['cost'], 4)}</tr>"
+        for route, r in sorted(costs["routes"].items()))
+    everything = costs.get("all_to_judge_cost")
+    compare = ("unknown until the judge has answered an item" if everything is None
+               else f"{everything:.4f}")
+    return ("<h2>Routes and cost</h2><table><tr><th>route</th><th>items</th><th>failures</th><th>tokens in</th>"
+            f"<th>tokens out</th><th>compute s</th><th>estimated cost</th></tr>{rows}</table>"
+            f"<p class=\"note\">Total {costs['total_cost']:.4f}; every item to the judge instead: {esc(compare)}. "
+            f"Prices from PRICE_* settings. Hard samples waiting for continual fine-tuning: {pool or 0}.</p>")
 
 
 def _runs_table(runs: Sequence[dict[str, Any]]) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.ensemble import Vote, task_uncertainty, vote
 from model.loader import LoadedBase, load_base
 from model.prompt import Encoded, PromptBuilder, TaskDataError
 from model.results import to_ls_result
@@ -48,6 +49,12 @@ class TaskPrediction:
     result: list[dict[str, Any]]
     score: float
     model_version: str
+    votes: tuple[Vote, ...] = ()  # per dimension, with an ensemble (k > 1)
+    prompt_tokens: int = 0  # over all members: what scoring this task cost
+
+    @property
+    def uncertainty(self) -> float:
+        return task_uncertainty(self.votes)
 
 
 def decode_mode(level: str, decoding: str) -> str:
@@ -119,7 +126,7 @@ class ModelServer:
         self._base: LoadedBase | None = None
         self._scorer: Scorer | None = None
         self._adapters: AdapterSet | None = None
-        self._builders: OrderedDict[tuple[int, int], PromptBuilder] = OrderedDict()
+        self._builders: OrderedDict[tuple[int, int, int], PromptBuilder] = OrderedDict()
         self._load_lock = threading.Lock()
         self._attempt: _LoadAttempt | None = None
         self._abandoned: list[threading.Thread] = []
@@ -211,11 +218,11 @@ class ModelServer:
         finally:
             attempt.done.set()
 
-    def builder(self, rubric: Rubric) -> PromptBuilder:
+    def builder(self, rubric: Rubric, template: int = 0) -> PromptBuilder:
         base = self.ensure_loaded()
-        key = (hash(rubric), self.max_tokens)
+        key = (hash(rubric), self.max_tokens, template)
         if key not in self._builders:
-            self._builders[key] = PromptBuilder(base.tokenizer, rubric, self.max_tokens)
+            self._builders[key] = PromptBuilder(base.tokenizer, rubric, self.max_tokens, template)
             while len(self._builders) > 64:
                 self._builders.popitem(last=False)
         self._builders.move_to_end(key)
@@ -228,11 +235,17 @@ class ModelServer:
         adapter: AdapterRef | None,
         model_version: str,
         decoding: str = "argmax",
+        members: int = 1,
     ) -> list[TaskPrediction]:
-        """Valid by construction: every value comes from the dimension's own closed set."""
+        """Valid by construction: every value comes from the dimension's own closed set.
+
+        With members > 1 every task is scored once per prompt template (one batch for all) and the members vote.
+        """
         base = self.ensure_loaded()
+        members = max(1, members)
+        datas = [task.get("data") or {} for task in tasks]
         builder = self.builder(rubric)
-        encoded = builder.encode_many([task.get("data") or {} for task in tasks])  # TaskDataError -> 4xx
+        encoded = [e for t in range(members) for e in self.builder(rubric, t).encode_many(datas)]  # 4xx on bad data
         _check_context(base, encoded)
         candidates = [space.token_ids for space in builder.spaces]
         assert self._scorer is not None and self._adapters is not None
@@ -256,14 +269,21 @@ class ModelServer:
         finally:
             if not handed_off:
                 lock.release()
+        n = len(tasks)
         out = []
-        for per_dim in dists:
-            scores = [
-                decode(dim.values, probs, decode_mode(dim.level, decoding))
-                for dim, probs in zip(rubric.dimensions, per_dim, strict=True)
-            ]
-            result, score = to_ls_result(rubric, scores)
-            out.append(TaskPrediction(result, score, model_version))
+        for i in range(n):
+            runs = [dists[t * n + i] for t in range(members)]
+            tokens = sum(len(encoded[t * n + i].input_ids) for t in range(members))
+            if members == 1:
+                scores = [decode(dim.values, probs, decode_mode(dim.level, decoding))
+                          for dim, probs in zip(rubric.dimensions, runs[0], strict=True)]
+                result, score = to_ls_result(rubric, scores)
+                out.append(TaskPrediction(result, score, model_version, prompt_tokens=tokens))
+                continue
+            votes = tuple(vote(dim.values, [run[d] for run in runs], decode_mode(dim.level, decoding))
+                          for d, dim in enumerate(rubric.dimensions))
+            result, score = to_ls_result(rubric, [v.score for v in votes])
+            out.append(TaskPrediction(result, score, model_version, votes, tokens))
         return out
 
 

@@ -29,7 +29,7 @@ Progress = Callable[[dict[str, Any]], None]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 4
+    epochs: int = 8
     lr: float = 5e-4
     batch_size: int = 8
     micro_batch_size: int = 0  # sequences per forward/backward; 0: 2 on CPU (8 x 500 tokens need ~17 GB), all on GPU
@@ -50,6 +50,7 @@ class TrainConfig:
     label_mode: str = "soft"  # soft: the raters' distribution | majority: the consensus | per_rater: one each
     val_fraction: float = 0.0  # share of training tasks held out for early stopping (0: train all epochs)
     patience: int = 1  # epochs without a better validation loss before stopping; the best epoch is kept
+    templates: int = 1  # prompt templates an ensemble votes with: each example is shown in one of them at random
 
 
 @dataclass
@@ -186,7 +187,8 @@ def train_adapter(
     train = relabel(train, rubric, cfg.label_mode)
     peft_model = attach_lora(model, cfg, init_adapter)
     peft_model.train()
-    builder = PromptBuilder(tokenizer, rubric, cfg.max_tokens)
+    builders = [PromptBuilder(tokenizer, rubric, cfg.max_tokens, t) for t in range(max(1, cfg.templates))]
+    builder = builders[0]
     candidates = [s.token_ids for s in builder.spaces]
     protected = set(tokenizer.all_special_ids)
     weights = class_weights(train, rubric, cfg.class_balance)
@@ -207,7 +209,8 @@ def train_adapter(
         rng.shuffle(order)
         for b in range(0, len(order), cfg.batch_size):
             batch = order[b : b + cfg.batch_size]
-            encoded = [_encode(builder, ex, cfg, rng, protected) for ex in batch]
+            encoded = [_encode(rng.choice(builders) if len(builders) > 1 else builder, ex, cfg, rng, protected)
+                       for ex in batch]
             optimizer.zero_grad(set_to_none=True)
             loss = _accumulate(peft_model, tokenizer, rubric, batch, encoded, candidates, cfg, device, weights)
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -84,6 +84,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_judge_serve(args: argparse.Namespace) -> int:
+    """An OpenAI-compatible chat-completions server on BASE_MODEL (+ an adapter): a judge for uncertain items."""
+    from gunicorn.app.base import BaseApplication
+
+    settings = load_settings()
+    _logging(settings)
+    settings.model_dir.mkdir(parents=True, exist_ok=True)
+    api_key = os.environ.get(args.api_key_env, "")
+
+    class App(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{args.host}:{args.port}")
+            self.cfg.set("workers", 1)  # one model in memory; requests take turns on it anyway
+            self.cfg.set("threads", 4)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("timeout", 900)  # the worker loads the model before it answers: a big one takes minutes
+            self.cfg.set("graceful_timeout", 30)
+            self.cfg.set("loglevel", settings.log_level.lower())
+            self.cfg.set("accesslog", "-")
+            self.cfg.set("control_socket", str(settings.model_dir / "judge-gunicorn.ctl"))
+
+        def load(self) -> Any:
+            from backend.judge_app import create_judge_app, load_judge_model
+
+            model, tokenizer, device, name = load_judge_model(settings.base_model, settings.model_dir,
+                                                              settings.quantization, settings.device, args.adapter)
+            return create_judge_app(model, tokenizer, device, args.model_name or name, api_key)
+
+    App().run()
+    return 0
+
+
 WORKER_TTL = 45  # an idle worker wakes from its blocking dequeue every WORKER_TTL - 15 = 30 s
 WORKER_RESTART_S = 5.0
 
@@ -269,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--skip-base", action="store_true", help="do not evaluate the untrained base model")
     exp.add_argument("--out", type=Path, default=Path("experiments"))
     exp.set_defaults(func=cmd_experiment)
+    judge = sub.add_parser("judge-serve", help="an OpenAI-compatible chat-completions server on BASE_MODEL "
+                           "(+ an adapter), a judge for uncertain items")
+    judge.add_argument("--host", default="127.0.0.1")
+    judge.add_argument("--port", type=int, default=8081)
+    judge.add_argument("--adapter", default=None, help="a LoRA adapter directory to serve on top of the base model")
+    judge.add_argument("--model-name", default=None, help="the model id clients send (default: the base's name)")
+    judge.add_argument("--api-key-env", default="JUDGE_SERVER_API_KEY",
+                       help="environment variable holding the API key clients must send (unset: no key)")
+    judge.set_defaults(func=cmd_judge_serve)
     add_report_parsers(sub)  # evaluate, learning-curve
     return parser
 

@@ -10,6 +10,7 @@ from typing import Any
 from model.agreement_report import build_report
 from model.annotations_io import Ratings, from_store, iso_stamp
 from model.rubric import RubricError
+from slm_annotator.costs import Prices, cost_table
 from slm_annotator.schema import AdapterVersion, TrainingRun
 from slm_annotator.store import Store
 
@@ -55,7 +56,7 @@ def auto_boot(n_items: int) -> int:
 
 
 def build_project_report(store: Store, project_id: str, base_version: str, n_boot: int | None = None,
-                         seed: int = 0) -> dict[str, Any]:
+                         seed: int = 0, prices: Prices | None = None) -> dict[str, Any]:
     """Raises KeyError for an unknown project."""
     project = store.project(project_id)
     if project is None:
@@ -78,4 +79,8 @@ def build_project_report(store: Store, project_id: str, base_version: str, n_boo
     }
     report["adapters"] = [adapter_entry(a) for a in store.adapters(project_id)]
     report["runs"] = [run_entry(r) for r in store.runs(project_id)]
+    usage = store.usage(project_id)
+    if usage and prices is not None:
+        report["costs"] = cost_table(usage, prices)
+    report["hard_pool"] = store.count_hard_pool(project_id)
     return report

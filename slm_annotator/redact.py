@@ -23,7 +23,7 @@ _installed = False
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret the settings hold, including passwords inside database and Redis URLs."""
-    found = [settings.basic_auth_pass, settings.webhook_secret, settings.label_studio_api_key]
+    found = [settings.basic_auth_pass, settings.webhook_secret, settings.label_studio_api_key, settings.judge_api_key]
     for url in (settings.database_url, settings.redis_url):
         try:
             password = urlsplit(url).password

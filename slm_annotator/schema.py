@@ -95,4 +95,35 @@ class Prediction(Base):
     model_version: Mapped[str] = mapped_column(String(255))
     values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     score: Mapped[float] = mapped_column(Float, default=0.0)
+    uncertainty: Mapped[float | None] = mapped_column(Float, nullable=True)  # U(x) of an ensemble's vote
+    route: Mapped[str] = mapped_column(String(16), default="")  # "" | judge | human: where the item was sent
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class HardSample(Base):
+    """An item the ensemble disagreed on, resolved by the judge or a human: the continual fine-tuning pool."""
+
+    __tablename__ = "hard_samples"
+    __table_args__ = (UniqueConstraint("project_id", "task_id", "source", "annotator", name="uq_hard_sample"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    task_id: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(16))  # judge | human
+    annotator: Mapped[str] = mapped_column(String(255), default="")
+    values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    task_data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the continual run that trained on it
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class RouteUsage(Base):
+    """Running totals per project and route (slm | judge | human), priced at read time from the price table."""
+
+    __tablename__ = "route_usage"
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    route: Mapped[str] = mapped_column(String(16), primary_key=True)
+    items: Mapped[int] = mapped_column(BigInteger, default=0)
+    failures: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.bases import short_name
+
 
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name)
@@ -45,6 +47,9 @@ def _env_bool(name: str, default: bool) -> bool:
     if raw in {"0", "false", "no", "off"}:
         return False
     raise ValueError(f"environment variable {name} must be a boolean (true/false), got {raw!r}")
+
+
+ROUTES = {"none", "human", "judge"}  # where items the ensemble disagrees on go (ROUTE)
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,23 @@ class Settings:
     predict_queue_limit: int
     model_load_timeout: float
     model_wait_timeout: float
+    ensemble: int = 1
+    route: str = "human"
+    route_epsilon: float = 0.34
+    judge_url: str = ""
+    judge_model: str = ""
+    judge_api_key: str = ""
+    judge_timeout: float = 20.0
+    judge_retries: int = 2
+    judge_budget: float = 0.0
+    judge_concurrency: int = 4
+    price_judge_input: float = 2.5
+    price_judge_output: float = 10.0
+    price_slm_hour: float = 0.5
+    price_human_item: float = 0.1
+    hard_pool_size: int = 2000
+    replay_ratio: float = 1.0
+    forgetting_tolerance: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -103,10 +125,12 @@ class Settings:
 
     @property
     def base_version(self) -> str:
-        """The model_version served before any adapter exists; computed without loading the model."""
-        base = self.base_model.lower().rstrip("/")
-        name = "smollm2-135m" if base.startswith("smollm2") else base.split("/")[-1]
-        return f"{name}-{self.quantization}-base"
+        """The model_version served before any adapter exists; computed without loading the model.
+
+        The name comes from the loader's own alias table (model.bases), so BASE_MODEL=gemma3 and
+        BASE_MODEL=gemma3-270m name the same versions, and they match LoadedBase.name.
+        """
+        return f"{short_name(self.base_model)}-{self.quantization}-base"
 
     @property
     def predict_slots(self) -> int:
@@ -137,6 +161,9 @@ def load_settings() -> Settings:
     label_mode = _env("TRAIN_LABEL_MODE", "soft").lower()
     if label_mode not in {"soft", "majority", "per_rater"}:
         raise ValueError(f"TRAIN_LABEL_MODE must be 'soft', 'majority' or 'per_rater', got {label_mode!r}")
+    route = _env("ROUTE", "human").lower()
+    if route not in ROUTES:
+        raise ValueError(f"ROUTE must be one of {', '.join(sorted(ROUTES))}, got {route!r}")
     return Settings(
         model_dir=model_dir,
         database_url=_env("DATABASE_URL", f"sqlite:///{model_dir / 'labels.sqlite3'}"),
@@ -160,7 +187,7 @@ def load_settings() -> Settings:
         train_retry_delays=_env_ints("TRAIN_RETRY_DELAYS", (10, 60, 300)),
         heldout_fraction=_env_float("HELDOUT_FRACTION", 0.2),
         promotion_tolerance=_env_float("PROMOTION_TOLERANCE", 0.0),
-        train_epochs=_env_int("TRAIN_EPOCHS", 4),
+        train_epochs=_env_int("TRAIN_EPOCHS", 8),
         train_lr=_env_float("TRAIN_LR", 5e-4),
         train_batch_size=_env_int("TRAIN_BATCH_SIZE", 8),
         train_micro_batch=_env_int("TRAIN_MICRO_BATCH", 0),
@@ -184,4 +211,21 @@ def load_settings() -> Settings:
         predict_queue_limit=_env_int("PREDICT_QUEUE_LIMIT", 8),
         model_load_timeout=_env_float("MODEL_LOAD_TIMEOUT", 600.0),
         model_wait_timeout=_env_float("MODEL_WAIT_TIMEOUT", 60.0),
+        ensemble=max(1, _env_int("ENSEMBLE", 1)),
+        route=route,
+        route_epsilon=_env_float("ROUTE_EPSILON", 0.34),
+        judge_url=_env("JUDGE_URL", "").rstrip("/"),
+        judge_model=_env("JUDGE_MODEL", ""),
+        judge_api_key=_env("JUDGE_API_KEY", ""),
+        judge_timeout=_env_float("JUDGE_TIMEOUT", 20.0),
+        judge_retries=_env_int("JUDGE_RETRIES", 2),
+        judge_budget=_env_float("JUDGE_BUDGET", 0.0),
+        judge_concurrency=max(1, _env_int("JUDGE_CONCURRENCY", 4)),
+        price_judge_input=_env_float("PRICE_JUDGE_INPUT", 2.5),
+        price_judge_output=_env_float("PRICE_JUDGE_OUTPUT", 10.0),
+        price_slm_hour=_env_float("PRICE_SLM_HOUR", 0.5),
+        price_human_item=_env_float("PRICE_HUMAN_ITEM", 0.1),
+        hard_pool_size=max(1, _env_int("HARD_POOL_SIZE", 2000)),
+        replay_ratio=_env_float("REPLAY_RATIO", 1.0),
+        forgetting_tolerance=_env_float("FORGETTING_TOLERANCE", 0.0),
     )

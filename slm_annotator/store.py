@@ -23,7 +23,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from slm_annotator.schema import AdapterVersion, Annotation, Prediction, Project, TrainingRun, utcnow
+from slm_annotator.schema import (
+    AdapterVersion,
+    Annotation,
+    HardSample,
+    Prediction,
+    Project,
+    RouteUsage,
+    TrainingRun,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -125,6 +134,27 @@ def _update_label(with_task_data: bool, hard: bool) -> tuple[Any, tuple[str, ...
 _UPDATE_LABEL = {(t, h): _update_label(t, h) for t in (False, True) for h in (False, True)}
 
 
+def _ensure_project(s: Session, project_id: str) -> None:
+    """Predictions, usage and judge answers may arrive before /setup or any label created the project row."""
+    if s.get(Project, project_id) is None:
+        s.add(Project(id=project_id))
+        s.flush()
+
+
+def _put_hard_sample(s: Session, project_id: str, task_id: int, source: str, annotator: str,
+                     values: dict[str, Any], task_data: dict[str, Any]) -> None:
+    row = s.scalars(select(HardSample).where(
+        HardSample.project_id == project_id, HardSample.task_id == task_id, HardSample.source == source,
+        HardSample.annotator == annotator,
+    )).first()
+    if row is None:
+        s.add(HardSample(project_id=project_id, task_id=task_id, source=source, annotator=annotator, values=values,
+                         task_data=task_data or {}))
+        s.flush()
+    else:
+        row.values, row.task_data = values, task_data or row.task_data
+
+
 class Store:
     def __init__(self, url: str, run_migrations: bool = True) -> None:
         self.url = url
@@ -218,6 +248,9 @@ class Store:
             stmt, columns = _UPDATE_LABEL[bool(label.task_data), label.hard]
             s.execute(stmt, {**{c: fields[c] for c in columns}, "row_id": row.id})
         s.execute(_SET_SEQ, {"p": project_id, "seq": seq + 1})
+        if label.hard and label.values and not label.cancelled and label.task_id is not None:
+            # a human's answer to an item the ensemble disagreed on joins the pool in the label's own transaction
+            _put_hard_sample(s, project_id, label.task_id, "human", label.annotator, label.values, label.task_data)
         return True
 
     def _lock_seq(self, s: Session, project_id: str) -> int:
@@ -321,7 +354,8 @@ class Store:
             s.flush()
             return run
 
-    def finish_run(self, run_id: int, status: str, **fields: Any) -> None:
+    def finish_run(self, run_id: int, status: str, advance_watermark: bool = True, **fields: Any) -> None:
+        """advance_watermark=False (continual runs on the hard pool): labels that came meanwhile stay pending."""
         with self.write_session() as s:
             run = s.get(TrainingRun, run_id)
             if run is None:
@@ -330,7 +364,7 @@ class Store:
             run.finished_at = utcnow()
             for key, value in fields.items():
                 setattr(run, key, value)
-            if status in {"promoted", "refused", "skipped"}:
+            if status in {"promoted", "refused", "skipped"} and advance_watermark:
                 project = s.get(Project, run.project_id)
                 if project is not None and run.seq_snapshot > project.trained_seq:
                     project.trained_seq = run.seq_snapshot
@@ -411,9 +445,7 @@ class Store:
         if not rows:
             return
         with self.write_session() as s:
-            if s.get(Project, project_id) is None:
-                s.add(Project(id=project_id))
-                s.flush()
+            _ensure_project(s, project_id)
             for row in rows:
                 existing = s.scalars(
                     select(Prediction).where(
@@ -425,7 +457,81 @@ class Store:
                 if existing is None:
                     s.add(Prediction(project_id=project_id, **row))
                 else:
-                    existing.values, existing.score = row["values"], row["score"]
+                    for key in ("values", "score", "uncertainty", "route"):
+                        if key in row:
+                            setattr(existing, key, row[key])
+
+    def latest_route(self, project_id: str, task_id: int) -> str:
+        """Where the task's latest prediction was sent ("" when it was not routed or never predicted)."""
+        with self.session() as s:
+            route = s.scalar(
+                select(Prediction.route).where(Prediction.project_id == project_id, Prediction.task_id == task_id)
+                .order_by(Prediction.id.desc()).limit(1)
+            )
+            return route or ""
+
+    # -- the hard-sample pool and per-route usage -------------------------------------------------------
+    def add_hard_sample(self, project_id: str, task_id: int, source: str, annotator: str, values: dict[str, Any],
+                        task_data: dict[str, Any]) -> None:
+        """One sample per (task, source, annotator); a newer answer replaces the older one."""
+        for attempt in range(2):
+            try:
+                with self.write_session() as s:
+                    _ensure_project(s, project_id)
+                    _put_hard_sample(s, project_id, task_id, source, annotator, values, task_data)
+                    return
+            except IntegrityError:
+                if attempt:
+                    raise
+
+    def hard_pool(self, project_id: str, unused_only: bool = True) -> list[HardSample]:
+        with self.session() as s:
+            q = select(HardSample).where(HardSample.project_id == project_id)
+            if unused_only:
+                q = q.where(HardSample.run_id.is_(None))
+            return list(s.scalars(q.order_by(HardSample.id)))
+
+    def count_hard_pool(self, project_id: str) -> int:
+        """Pool items not yet trained on, counted by task (a judge's and a human's answer are one item)."""
+        with self.session() as s:
+            return int(s.scalar(
+                select(func.count(func.distinct(HardSample.task_id)))
+                .where(HardSample.project_id == project_id, HardSample.run_id.is_(None))
+            ) or 0)
+
+    def mark_pool_used(self, project_id: str, ids: list[int], run_id: int) -> None:
+        if not ids:
+            return
+        with self.write_session() as s:
+            s.execute(update(HardSample).where(HardSample.project_id == project_id, HardSample.id.in_(ids))
+                      .values(run_id=run_id))
+
+    def add_usage(self, project_id: str, route: str, items: int = 0, failures: int = 0, prompt_tokens: int = 0,
+                  completion_tokens: int = 0, seconds: float = 0.0) -> None:
+        """Adds to the running totals in one statement, so concurrent requests and processes never lose counts."""
+        delta = {"items": items, "failures": failures, "prompt_tokens": prompt_tokens,
+                 "completion_tokens": completion_tokens, "seconds": seconds}
+        table = RouteUsage.__table__
+        stmt = update(table).where(table.c.project_id == project_id, table.c.route == route).values(
+            {k: table.c[k] + v for k, v in delta.items()})
+        for attempt in range(3):
+            try:
+                with self.write_session() as s:
+                    if s.execute(stmt).rowcount:
+                        return
+                    _ensure_project(s, project_id)
+                    s.execute(table.insert(), {"project_id": project_id, "route": route, **delta})
+                    return
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+
+    def usage(self, project_id: str | None = None) -> list[RouteUsage]:
+        with self.session() as s:
+            q = select(RouteUsage)
+            if project_id is not None:
+                q = q.where(RouteUsage.project_id == project_id)
+            return list(s.scalars(q.order_by(RouteUsage.project_id, RouteUsage.route)))
 
     def predictions(self, project_id: str, model_version: str | None = None) -> list[Prediction]:
         with self.session() as s:

@@ -50,6 +50,25 @@ def build_tiny_model(target: Path, seed: int = 0, hidden: int = 64, layers: int 
     return target
 
 
+@pytest.fixture(autouse=True)
+def _close_apps(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every app a test builds stops its flusher afterwards: a leftover one would keep re-queueing that test's
+    training requests on the shared Redis, into the next test's worker, against a database that is gone."""
+    import backend.app
+
+    built: list = []
+    real = backend.app.build_services
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(backend.app, "build_services", spy)
+    yield
+    for svc in built:
+        svc.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = REPO / ".cache" / "tiny-llama-v1"

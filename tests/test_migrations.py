@@ -81,3 +81,16 @@ def test_processes_migrating_a_fresh_sqlite_file_at_once_all_start(tmp_path: Pat
     url = f"sqlite:///{tmp_path / 'labels.sqlite3'}"
     assert _start_together(url) == ["ok"] * PROCESSES
     _check_schema(url)
+
+
+def test_the_migrations_build_exactly_the_tables_the_models_describe(tmp_path: Path) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from slm_annotator.schema import Base
+    from slm_annotator.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'schema.sqlite3'}")
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []

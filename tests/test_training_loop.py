@@ -88,3 +88,13 @@ def test_threshold_queues_one_job_that_a_real_worker_runs(train_settings, embedd
     assert [r["model_version"] for r in reply.json["results"]] == [new_version, new_version]
     assert [r["result"][0]["value"]["choices"] for r in reply.json["results"]] == [["neg"], ["pos"]]
     assert store.pending_changes("5") == 0
+    # The same request delivered again after its run finished (a flusher read the flag just before the run
+    # cleared it): the worker skips it instead of training a second adapter on nothing new.
+    from worker.policy import enqueue_training
+
+    assert enqueue_training(conn, settings, "5", "recovered") == "queued"
+    again = subprocess.run([sys.executable, "-m", "slm_annotator.cli", "worker", "--burst"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r.status for r in store.runs("5")] == ["promoted"]
+    assert "duplicate request skipped" in again.stderr + again.stdout

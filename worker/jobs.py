@@ -14,10 +14,10 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 
 from model.rubric import RubricError
-from slm_annotator.settings import load_settings
+from slm_annotator.settings import Settings, load_settings
 from slm_annotator.store import Store
 from worker.pipeline import run_training
-from worker.policy import due
+from worker.policy import due, pool_due
 from worker.sync import SyncError, sync_project
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,11 @@ def train_project(project_id: str, trigger: str = "threshold", continual: bool =
         except SyncError as exc:
             log.warning("sync before training skipped: %s", exc)
         store.set_flags(project_id, sync_requested=False)
-    run = store.start_run(project_id, job.id if job else "inline", trigger)
+    if job is not None and _already_taken(settings, store, project_id):
+        log.info("project %s: nothing due and the last run finished; duplicate request skipped", project_id)
+        return {"status": "skipped", "detail": "nothing new since the last run (a duplicate request)"}
+    continual = continual or pool_due(settings, store, project_id)  # a full pool: fine-tune on it, not from scratch
+    run = store.start_run(project_id, job.id if job else "inline", "hard_pool" if continual else trigger)
     store.set_flags(project_id, training_requested=False)  # this run takes the request; later labels re-trigger
     try:
         outcome = run_training(settings, store, project_id, run.id, _progress, continual=continual)
@@ -80,7 +84,8 @@ def train_project(project_id: str, trigger: str = "threshold", continual: bool =
         store.finish_run(run.id, "failed", error=traceback.format_exc()[-4000:])
         raise  # RQ records it and retries if retries are left
     store.finish_run(
-        run.id, outcome.status, error="" if outcome.status != "skipped" else outcome.detail,
+        run.id, outcome.status, advance_watermark=not continual,
+        error="" if outcome.status != "skipped" else outcome.detail,
         metrics=outcome.metrics or {}, adapter_version=None,
         n_train=(outcome.metrics or {}).get("train", {}).get("tasks", 0),
         n_heldout=(outcome.metrics or {}).get("heldout_tasks", 0),
@@ -89,6 +94,15 @@ def train_project(project_id: str, trigger: str = "threshold", continual: bool =
     if due(settings, store, project_id):  # labels that arrived during this run: the backend queues the next one
         store.set_flags(project_id, training_requested=True)
     return {"status": outcome.status, "detail": outcome.detail, "model_version": outcome.model_version}
+
+
+def _already_taken(settings: Settings, store: Store, project_id: str) -> bool:
+    """A request that a finished run already served, delivered again (a flusher or a second backend process read
+    the flag just before that run cleared it). A retry after a crash still runs: its last run did not finish."""
+    if due(settings, store, project_id):
+        return False
+    runs = store.runs(project_id)
+    return bool(runs) and runs[-1].status in {"promoted", "refused", "skipped"}
 
 
 def sync_job(project_id: str) -> dict[str, Any]:

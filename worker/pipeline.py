@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -80,12 +81,17 @@ def run_training(
     extra = project.extra_params if project else {}
     rubric, examples = load_examples(store, project_id)
     train, heldout = split_heldout(examples, settings.heldout_fraction, salt=f"project-{project_id}")
+    served = store.served_adapter(project_id)
+    pool = store.hard_pool(project_id) if continual else []
     if len(train) < MIN_TASKS or not heldout:
+        store.mark_pool_used(project_id, [p.id for p in pool], run_id)
         return RunOutcome("skipped", f"{len(examples)} labelled tasks: need at least {MIN_TASKS + 1} to train and test")
     cfg = train_config(settings, extra)
-    served = store.served_adapter(project_id)
+    continual_info: dict[str, Any] = {}
+    if continual and served is not None:  # without a served adapter, a full training takes the pool in
+        train, continual_info = continual_set(rubric, pool, train, heldout, examples, settings.replay_ratio, cfg.seed)
     base = load_base(settings.base_model, settings.model_dir, settings.quantization, settings.device)
-    init = Path(served.path) if continual and served is not None else None
+    init = Path(served.path) if continual_info and served is not None else None
     peft_model, stats = train_adapter(
         base.model, base.tokenizer, rubric, train, cfg, base.device, init_adapter=init, progress=progress
     )
@@ -105,7 +111,12 @@ def run_training(
             current_preds = predict_examples(
                 peft_model, base.tokenizer, base.device, rubric, heldout, batch, cfg.max_tokens)
     current_eval = agreement(rubric, heldout, current_preds)
-    promote = new_eval["score"] >= current_eval["score"] - settings.promotion_tolerance
+    tolerance = settings.forgetting_tolerance if continual_info else settings.promotion_tolerance
+    promote = new_eval["score"] >= current_eval["score"] - tolerance
+    if continual_info:  # earlier held-out labels, before and after: forgetting blocks promotion
+        before, after = current_eval["score"], new_eval["score"]
+        continual_info["heldout_before"], continual_info["heldout_after"] = before, after
+        continual_info["forgetting"] = None if before is None or after is None else round(before - after, 4)
     version = store.next_adapter_version(project_id)
     model_version = settings.adapter_version(project_id, version)
     metrics = {
@@ -115,7 +126,7 @@ def run_training(
                   "seconds": round(stats.seconds, 1), "samples_per_second": round(stats.samples_per_second, 2),
                   "final_loss": stats.losses[-1] if stats.losses else None,
                   "val_losses": [round(v, 4) for v in stats.val_losses], "best_epoch": stats.best_epoch},
-        "heldout_tasks": len(heldout), "config": config_dict(cfg),
+        "heldout_tasks": len(heldout), "config": config_dict(cfg), "continual": continual_info or None,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     target = _write_adapter(settings, project_id, version, peft_model, {
@@ -127,8 +138,40 @@ def run_training(
         status="served" if promote else "refused", base_model=settings.base_model, metrics=metrics,
         training_run_id=run_id,
     ), serve=promote)
+    store.mark_pool_used(project_id, [p.id for p in pool], run_id)
     detail = f"new {new_eval['score_kind']} {_fmt(new_eval['score'])} vs current {_fmt(current_eval['score'])}"
     return RunOutcome("promoted" if promote else "refused", detail, model_version, metrics)
+
+
+def continual_set(
+    rubric: Any, pool: list[Any], train: list[Example], heldout: list[Example], everything: list[Example],
+    replay_ratio: float, seed: int,
+) -> tuple[list[Example], dict[str, Any]]:
+    """The hard-sample pool (judge and human answers) plus a replay sample of earlier training labels.
+
+    Pool items on held-out tasks are left out: the held-out labels must stay unseen to measure forgetting.
+    """
+    held = {e.task_key for e in heldout}
+    data = {e.task_key: e.data for e in everything}
+    by_task: dict[str, Example] = {}
+    for sample in pool:
+        key = str(sample.task_id)
+        if key in held:
+            continue
+        values = {k: v for k, v in (sample.values or {}).items() if k in {d.key for d in rubric.dimensions}}
+        task_data = sample.task_data or data.get(key) or {}
+        if not values or not task_data:
+            continue
+        example = by_task.setdefault(key, Example(key, task_data))
+        example.ratings[f"{sample.source}:{sample.annotator}"] = values
+        example.hard = True
+    hard = list(by_task.values())
+    if not hard:  # nothing usable in the pool: an ordinary full training
+        return train, {}
+    rest = [e for e in train if e.task_key not in by_task]
+    n_replay = min(len(rest), round(replay_ratio * len(hard)))
+    replay = random.Random(seed).sample(rest, n_replay)
+    return hard + replay, {"pool_items": len(hard), "replay_items": len(replay), "pool_samples": len(pool)}
 
 
 def _remove_stale_tmp(folder: Path) -> None:

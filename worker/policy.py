@@ -27,21 +27,40 @@ def job_id(project_id: str) -> str:
     return f"train-{project_id}"
 
 
-def threshold_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
-    raw = (extra_params or {}).get("train_threshold")
+def _positive_int(extra_params: dict[str, Any] | None, key: str, default: int) -> int:
+    """A project's override from Label Studio's extra params; a value that is not a number keeps the default."""
+    raw = (extra_params or {}).get(key)
     try:
-        return max(1, int(raw)) if raw is not None else settings.train_threshold
+        return max(1, int(raw)) if raw is not None else default
     except (TypeError, ValueError):
-        return settings.train_threshold
+        return default
+
+
+def threshold_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
+    return _positive_int(extra_params, "train_threshold", settings.train_threshold)
+
+
+def pool_size_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
+    """beta: hard samples that start a continual fine-tuning run (extra_params "hard_pool_size" per project)."""
+    return _positive_int(extra_params, "hard_pool_size", settings.hard_pool_size)
+
+
+def pool_due(settings: Settings, store: Store, project_id: str, project: Any = None) -> bool:
+    project = project if project is not None else store.project(project_id)
+    extra = project.extra_params if project else {}
+    return store.count_hard_pool(project_id) >= pool_size_for(settings, extra)
 
 
 def due(settings: Settings, store: Store, project_id: str, project: Any = None) -> bool:
-    """Enough new labels since the last training (or since what a running one took), or already requested."""
+    """Enough new labels since the last training (or since what a running one took), a full hard-sample pool,
+    or already requested."""
     project = project if project is not None else store.project(project_id)
     if project is not None and project.training_requested:
         return True
     extra = project.extra_params if project else {}
-    return store.pending_changes(project_id) >= threshold_for(settings, extra)
+    if store.pending_changes(project_id) >= threshold_for(settings, extra):
+        return True
+    return pool_due(settings, store, project_id, project)
 
 
 def enqueue_training(conn: Redis, settings: Settings, project_id: str, trigger: str) -> str:

@@ -361,3 +361,31 @@ def assert_served_consistent(backend: BackendProcess, pid: int, v: dict[str, Any
     assert v["served"] == expected, versions_summary(v)
     assert backend.post("/setup", {"project": f"{pid}.1700000000"})["model_version"] == expected
     return expected
+
+
+# --------------------------------------------------------------------------- AutoAnnotator routing
+def test_uncertain_items_come_first_in_label_studio_and_their_labels_join_the_pool(label_studio,
+                                                                                   backend_factory) -> None:
+    """ENSEMBLE=3, ROUTE=human, ROUTE_EPSILON=0: every item counts as contested, so every stored prediction must
+    carry a score below 0 (Label Studio's ascending sort puts it first) and the note, and a label a human then
+    gives through Label Studio must reach the hard-sample pool."""
+    ls = label_studio
+    config, _ = load_fixture("text_classification")
+    backend = backend_factory(BASE_MODEL=str(tiny_model_dir()), QUANTIZATION="none", ENSEMBLE="3", ROUTE="human",
+                              ROUTE_EPSILON="0", TRAIN_THRESHOLD="1000")
+    pid = ls.create_project("e2e routing", config)
+    assert ls.import_tasks(pid, [{"data": {"text": t}} for t, _ in SENTIMENT[:4]])["task_count"] == 4
+    tasks = sorted(ls.list_tasks(pid), key=lambda t: t["id"])
+    ls.connect_ml_backend(pid, backend.url, title="slm-annotator routing e2e")
+    ls.retrieve_predictions(pid)
+    preds = ls.list_predictions(project=pid)
+    assert sorted(by_task(preds)) == [t["id"] for t in tasks], preds
+    for pred in preds:
+        assert pred["score"] < 0, pred
+        assert all("disagree" in item["meta"]["text"][0] for item in pred["result"]), pred
+    text = tasks[0]["data"]["text"]
+    ls.create_annotation(tasks[0]["id"], sentiment_result(dict(SENTIMENT)[text]))
+    report = wait_until("the human label in the hard-sample pool",
+                        lambda: (r := backend.get(f"/report/{pid}.json")) and r.get("hard_pool") == 1 and r,
+                        timeout=60, describe=lambda: str(backend.get(f"/report/{pid}.json").get("hard_pool")))
+    assert report["costs"]["routes"]["human"]["items"] == 4, report["costs"]

@@ -1,0 +1,243 @@
+"""AutoAnnotator trade-off on a dev set: single SLM, k-member votes, vote + routing to a judge, the judge alone.
+
+Everything goes through the product's code: adapters trained by model.training, predictions by
+ModelServer.predict (members = prompt templates), routing by backend.routing.route_predictions with the real
+OpenAI client against a real OpenAI-compatible server (`slm-annotator judge-serve`), usage and cost by the
+store's route totals and slm_annotator.costs. The judge here is the same small base model with an adapter
+trained on every training item (a stronger annotator than the members, which see --n-train items); its
+tokens are priced as a big API model's (PRICE_JUDGE_*), which is the trade-off a team makes.
+
+  python bench/bench_autoannotator.py --dataset lewidi:HS-Brexit --n-train 100 --out bench/results/autoannotator
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.routing import RoutingPolicy, route_predictions
+from model.agreement import dimension_report
+from model.dataset import Example
+from model.evaluate import scale_value
+from model.experiment import load_devset, split_devset, summary
+from model.judge import Judge, JudgeConfig
+from model.loader import load_base
+from model.results import values_from_result
+from model.rubric import Rubric, parse_label_config
+from model.serving import AdapterRef, ModelServer
+from model.svg_charts import PALETTE, Series, line_chart
+from model.training import TrainConfig, save_adapter, train_adapter
+from slm_annotator.costs import Prices, cost_table
+from slm_annotator.store import Store
+
+
+def train_to(path: Path, args: argparse.Namespace, rubric: Rubric, train: list[Example], templates: int) -> float:
+    """A fresh base per adapter (LoRA layers are injected into the model they train on)."""
+    base = load_base(args.base_model, args.model_dir, args.quantization, args.device)
+    cfg = TrainConfig(epochs=args.epochs, templates=templates, seed=args.seed)
+    started = time.perf_counter()
+    model, _ = train_adapter(base.model, base.tokenizer, rubric, train, cfg, base.device)
+    seconds = time.perf_counter() - started
+    save_adapter(model, path, {"templates": templates, "n_train": len(train)})
+    del model, base
+    return seconds
+
+
+def start_judge(adapter: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import socket
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    env = {**os.environ, "BASE_MODEL": args.base_model, "QUANTIZATION": args.quantization, "DEVICE": args.device,
+           "MODEL_DIR": str(args.model_dir), "LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "slm_annotator.cli", "judge-serve", "--port", str(port),
+                             "--adapter", str(adapter), "--model-name", "judge"], env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"judge-serve exited: {log.read_text()[-2000:]}")
+        try:  # the server accepts connections while its model loads: a read may wait
+            if requests.get(f"{url}/models", timeout=60).ok:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError("judge-serve did not come up")
+
+
+def agreement(rubric: Rubric, examples: list[Example], values: list[dict[str, str]]) -> dict[str, Any]:
+    raters = sorted({r for e in examples for r in e.ratings})
+    per_dim = {}
+    for dim in rubric.dimensions:
+        human = [[scale_value(dim, e.ratings.get(r, {}).get(dim.key)) for e in examples] for r in raters]
+        model_row = [scale_value(dim, v.get(dim.key)) for v in values]
+        domain = None if dim.level == "interval" else [float(i) for i in range(len(dim.values))]
+        per_dim[dim.key] = dimension_report(human, model_row, dim.level, domain, rater_names=raters)
+    return summary(per_dim)
+
+
+def consensus_values(rubric: Rubric, examples: list[Example]) -> list[dict[str, str]]:
+    from model.dataset import _majority
+
+    return [_majority(e, rubric) for e in examples]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="lewidi:HS-Brexit")
+    p.add_argument("--n-train", type=int, default=100, help="training items of the ensemble's adapter")
+    p.add_argument("--judge-train", type=int, default=0, help="training items of the judge's adapter (0: all)")
+    p.add_argument("--members", default="3,5")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--limit-test", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-model", default="smollm2")
+    p.add_argument("--quantization", default="nf4")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR", "model_dir")))
+    p.add_argument("--price-judge-input", type=float, default=2.5, help="per million tokens (GPT-4o list price)")
+    p.add_argument("--price-judge-output", type=float, default=10.0)
+    p.add_argument("--price-slm-hour", type=float, default=2.5, help="an H100 hour")
+    p.add_argument("--price-human-item", type=float, default=0.10)
+    p.add_argument("--out", type=Path, default=Path("bench/results/autoannotator"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    prices = Prices(args.price_judge_input, args.price_judge_output, args.price_slm_hour, args.price_human_item)
+    ds = load_devset(args.dataset)
+    rubric = parse_label_config(ds.label_config)
+    split = split_devset(ds, 1 / 3, args.seed)
+    test = split.test[: args.limit_test] if args.limit_test else split.test
+    members = [int(k) for k in args.members.split(",")]
+    adapters = args.out / "adapters"
+    seconds = {
+        "single": train_to(adapters / "single", args, rubric, split.train[: args.n_train], 1),
+        **{f"templates-{k}": train_to(adapters / f"templates-{k}", args, rubric, split.train[: args.n_train], k)
+           for k in members},
+        "judge": train_to(adapters / "judge", args, rubric, split.train[: args.judge_train or None], 1),
+    }
+    server = ModelServer(args.base_model, args.model_dir, args.quantization, args.device, 32, 1024, 4)
+    tasks = [{"id": i, "data": e.data} for i, e in enumerate(test)]
+    runs: dict[str, tuple[Any, float]] = {}
+    plan = [("single", "single", 1)]
+    for k in members:  # each vote's adapter is trained on its k templates; its template 0 alone is the control
+        plan += [(f"template 0 of the k{k} adapter", f"templates-{k}", 1), (f"vote-k{k}", f"templates-{k}", k)]
+    for name, adapter, k in plan:
+        ref = AdapterRef(f"bench-{adapter}", adapters / adapter)
+        server.predict(rubric, tasks[:8], ref, ref.name, members=k)  # load and warm up
+        started = time.perf_counter()
+        preds = server.predict(rubric, tasks, ref, ref.name, members=k)
+        runs[name] = (preds, time.perf_counter() - started)
+    judge_proc, url = start_judge(adapters / "judge", args, args.out / "judge-serve.log")
+    judge = Judge(JudgeConfig(url, "judge", timeout=60, retries=2, concurrency=8))
+    store = Store(f"sqlite:///{args.out / 'usage.sqlite3'}")
+    rows: list[dict[str, Any]] = []
+    human_values = consensus_values(rubric, test)
+    try:
+        for name, (preds, secs) in runs.items():
+            k = (len(preds[0].votes) and preds[0].votes[0].k) or 1
+            levels = sorted({round(p.uncertainty, 4) for p in preds if p.uncertainty > 0})
+            configs = [(name, RoutingPolicy(k, "none", 1.0), "none")]
+            if k > 1:
+                configs += [(f"{name} + judge (U >= {eps:.2f})", RoutingPolicy(k, "judge", eps - 1e-6), "judge")
+                            for eps in levels]
+                configs += [(f"{name} + humans (U >= {levels[0]:.2f}, simulated)",
+                             RoutingPolicy(k, "human", levels[0] - 1e-6), "human")] if levels else []
+            for label, policy, route in configs:
+                project = label
+                routed = route_predictions(rubric, tasks, preds, policy, judge, store,
+                                           project, _settings(prices), secs)
+                values = [values_from_result(rubric, r.result) for r in routed]
+                if route == "human":  # a human gives the consensus label on the items routed to them
+                    values = [human_values[i] if r.route == "human" else v
+                              for i, (r, v) in enumerate(zip(routed, values, strict=True))]
+                costs = cost_table(store.usage(project), prices)
+                rows.append(_row(label, k, policy, routed, agreement(rubric, test, values), costs, len(tasks)))
+        started = time.perf_counter()
+        verdicts = judge.ask_many(rubric, [t["data"] for t in tasks])
+        judge_seconds = time.perf_counter() - started
+    finally:
+        judge_proc.terminate()
+        judge_proc.wait(timeout=60)
+    values = [v.values or {} for v in verdicts]
+    tokens_in, tokens_out = sum(v.prompt_tokens for v in verdicts), sum(v.completion_tokens for v in verdicts)
+    judge_cost = (tokens_in * prices.judge_input + tokens_out * prices.judge_output) / 1e6
+    rows.append({"name": "judge alone", "k": 0, "epsilon": None, "routed_share": 1.0,
+                 "failures": sum(1 for v in verdicts if v.values is None), **agreement(rubric, test, values),
+                 "cost": round(judge_cost, 6), "cost_per_1000": round(judge_cost / len(tasks) * 1000, 4),
+                 "judge_tokens": [tokens_in, tokens_out], "judge_seconds": round(judge_seconds, 2)})
+    humans = agreement(rubric, test, human_values)
+    result = {"dataset": args.dataset, "n_train": min(args.n_train, len(split.train)),
+              "judge_train": len(split.train[: args.judge_train or None]), "n_test": len(tasks), "epochs": args.epochs,
+              "base_model": args.base_model, "quantization": args.quantization, "device": str(server.loaded.device),
+              "train_seconds": {k: round(v, 1) for k, v in seconds.items()}, "prices": vars(prices),
+              "human_pairwise_mean": humans["human_pairwise_mean"], "configs": rows}
+    (args.out / "autoannotator.json").write_text(json.dumps(result, indent=2, default=str))
+    (args.out / "autoannotator.md").write_text(markdown(result))
+    (args.out / "cost_vs_agreement.svg").write_text(chart(result))
+    print(markdown(result))
+
+
+def _settings(prices: Prices) -> Any:
+    from slm_annotator.settings import load_settings
+
+    return replace(load_settings(), judge_budget=0.0, price_judge_input=prices.judge_input,
+                   price_judge_output=prices.judge_output, price_slm_hour=prices.slm_hour,
+                   price_human_item=prices.human_item)
+
+
+def _row(label: str, k: int, policy: RoutingPolicy, routed: list[Any], agree: dict[str, Any], costs: dict[str, Any],
+         n: int) -> dict[str, Any]:
+    judged = sum(1 for r in routed if r.route == "judge")
+    to_human = sum(1 for r in routed if r.route == "human")
+    return {"name": label, "k": k, "epsilon": None if policy.route == "none" else round(policy.epsilon, 4),
+            "routed_share": round((judged + to_human) / n, 4), "judged": judged, "to_humans": to_human,
+            "failures": costs["routes"].get("judge", {}).get("failures", 0), **agree,
+            "cost": costs["total_cost"], "cost_per_1000": round(costs["total_cost"] / n * 1000, 4),
+            "all_to_judge_cost": costs["all_to_judge_cost"], "routes": costs["routes"]}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"{result['dataset']}: members trained on {result['n_train']} items, judge on {result['judge_train']}, "
+             f"{result['n_test']} test items, {result['base_model']} {result['quantization']} on {result['device']}; "
+             f"humans' pairwise α {_f(result['human_pairwise_mean'])}", "",
+             "| configuration | routed | α vs each human | α vs consensus | accuracy vs consensus "
+             "| est. cost / 1000 items |",
+             "|---|---|---|---|---|---|"]
+    for r in result["configs"]:
+        lines.append(f"| {r['name']} | {r['routed_share']:.0%} | {_f(r['model_vs_each_human_mean'])} | "
+                     f"{_f(r['model_vs_consensus'])} | {_f(r['accuracy_vs_consensus'])} | {r['cost_per_1000']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict[str, Any]) -> str:
+    series = []
+    for n, r in enumerate(result["configs"]):
+        series.append(Series(r["name"], [(max(r["cost_per_1000"], 1e-4), r["model_vs_each_human_mean"], None)],
+                             PALETTE[n % len(PALETTE)]))
+    costs = sorted({max(r["cost_per_1000"], 1e-4) for r in result["configs"]})
+    ticks = [(c, f"{c:.3g}") for c in costs]
+    refs = [("humans' pairwise α", result["human_pairwise_mean"], "#6b7280")] if result["human_pairwise_mean"] else []
+    return line_chart(series, ticks, "estimated cost per 1000 items (log scale)", "α vs each human (mean)",
+                      log_x=True, references=refs, chart="cost-vs-agreement")
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+if __name__ == "__main__":
+    main()

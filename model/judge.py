@@ -1,0 +1,121 @@
+"""The bigger judge: any OpenAI-compatible chat-completions endpoint, asked for the rubric's closed answers.
+
+The request carries a JSON schema whose properties are the rubric's dimensions, each an enum of its allowed
+values (structured outputs), and the answer is validated against the rubric all the same: a judge that answers
+outside the rubric counts as a failure, never as a label.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from model.prompt import object_text
+from model.rubric import Rubric
+
+SYSTEM = ("You are an expert annotator. Judge the input on every criterion of the rubric exactly as the "
+          "annotation guidelines say. Answer with a JSON object only.")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    url: str  # the API base, e.g. https://api.openai.com/v1 or http://judge:8081/v1
+    model: str
+    api_key: str = ""
+    timeout: float = 20.0
+    retries: int = 2
+    concurrency: int = 4
+    max_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class Verdict:
+    values: dict[str, str] | None  # per dimension key; None when the judge failed
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+class JudgeAnswerError(ValueError):
+    """The judge answered, but not with one allowed value per dimension."""
+
+
+def answer_schema(rubric: Rubric) -> dict[str, Any]:
+    properties = {d.key: {"type": "string", "enum": list(d.values)} for d in rubric.dimensions}
+    return {"type": "object", "properties": properties, "required": list(properties),
+            "additionalProperties": False}
+
+
+def judge_messages(rubric: Rubric, data: dict[str, Any]) -> list[dict[str, str]]:
+    texts = "\n\n".join(f"### {o.name}\n{object_text(o, data)}" for o in rubric.objects)
+    criteria = []
+    for d in rubric.dimensions:
+        desc = f" {d.description.strip()}" if d.description.strip() else ""
+        criteria.append(f'- "{d.key}": {d.title}.{desc} Allowed: {", ".join(json.dumps(v) for v in d.values)}')
+    guidelines = f"Guidelines:\n{rubric.instructions.strip()}\n\n" if rubric.instructions else ""
+    user = (f"{guidelines}{texts}\n\n### Rubric\n" + "\n".join(criteria)
+            + "\n\nReply with one JSON object that has exactly these keys, each set to one allowed value.")
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def parse_answer(rubric: Rubric, content: str | None) -> dict[str, str]:
+    """One allowed value per dimension; a value differing only in case or surrounding spaces is accepted."""
+    try:
+        answer = json.loads(content or "")
+    except json.JSONDecodeError as exc:
+        raise JudgeAnswerError(f"the judge's answer is not JSON: {str(content)[:80]!r}") from exc
+    if not isinstance(answer, dict):
+        raise JudgeAnswerError("the judge's answer is not a JSON object")
+    out = {}
+    for dim in rubric.dimensions:
+        given = answer.get(dim.key)
+        allowed = {v.strip().lower(): v for v in dim.values}
+        match = allowed.get(str(given).strip().lower()) if given is not None else None
+        if match is None:
+            raise JudgeAnswerError(f"the judge gave {given!r} for {dim.key!r}, not one of {list(dim.values)}")
+        out[dim.key] = match
+    return out
+
+
+class Judge:
+    """A thin client: the official openai package does the timeouts, retries and backoff."""
+
+    def __init__(self, cfg: JudgeConfig) -> None:
+        from openai import OpenAI
+
+        self.cfg = cfg
+        self.client = OpenAI(base_url=cfg.url, api_key=cfg.api_key or "unused", timeout=cfg.timeout,
+                             max_retries=max(0, cfg.retries))
+
+    def ask(self, rubric: Rubric, data: dict[str, Any]) -> Verdict:
+        from openai import OpenAIError
+
+        started = time.perf_counter()
+        try:
+            response = self.client.chat.completions.create(
+                model=self.cfg.model, messages=judge_messages(rubric, data), temperature=0,  # type: ignore[arg-type]
+                max_tokens=self.cfg.max_tokens,
+                response_format={"type": "json_schema", "json_schema": {  # type: ignore[typeddict-item]
+                    "name": "annotation", "strict": True, "schema": answer_schema(rubric)}},
+            )
+        except OpenAIError as exc:
+            return Verdict(None, seconds=time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}"[:300])
+        usage = response.usage
+        tokens = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+        seconds = time.perf_counter() - started
+        try:
+            values = parse_answer(rubric, response.choices[0].message.content if response.choices else None)
+        except JudgeAnswerError as exc:
+            return Verdict(None, *tokens, seconds, str(exc))
+        return Verdict(values, *tokens, seconds)
+
+    def ask_many(self, rubric: Rubric, datas: Sequence[dict[str, Any]]) -> list[Verdict]:
+        if len(datas) <= 1:
+            return [self.ask(rubric, d) for d in datas]
+        with ThreadPoolExecutor(min(self.cfg.concurrency, len(datas))) as pool:
+            return list(pool.map(lambda d: self.ask(rubric, d), datas))
