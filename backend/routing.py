@@ -21,9 +21,9 @@ from model.serving import TaskPrediction
 from slm_annotator.costs import Prices, judge_spend
 from slm_annotator.settings import ROUTES, Settings
 from slm_annotator.store import Store
+from worker.policy import members_for
 
 log = logging.getLogger(__name__)
-MAX_MEMBERS = 8
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,15 @@ class Routed:
 
 def routing_policy(settings: Settings, extra: dict[str, Any]) -> RoutingPolicy:
     """Global settings, overridden per project by extra_params "ensemble", "route", "route_epsilon"."""
-    members, route, eps = settings.ensemble, settings.route, settings.route_epsilon
+    route, eps = settings.route, settings.route_epsilon
     try:
-        members = int(extra.get("ensemble", members))
         eps = float(extra.get("route_epsilon", eps))
     except (TypeError, ValueError):
-        log.warning("extra_params ensemble/route_epsilon are not numbers; using the defaults")
-        members, eps = settings.ensemble, settings.route_epsilon
+        log.warning("extra_params route_epsilon is not a number; using ROUTE_EPSILON")
     if str(extra.get("route", route)).lower() in ROUTES:
         route = str(extra.get("route", route)).lower()
     eps = eps if math.isfinite(eps) else settings.route_epsilon
-    return RoutingPolicy(min(max(1, members), MAX_MEMBERS), route, eps)
+    return RoutingPolicy(members_for(settings, extra), route, eps)
 
 
 def judge_config(settings: Settings) -> JudgeConfig | None:

@@ -1,11 +1,12 @@
 """AutoAnnotator trade-off on a dev set: single SLM, k-member votes, vote + routing to a judge, the judge alone.
 
-Everything goes through the product's code: adapters trained by model.training, predictions by
-ModelServer.predict (members = prompt templates), routing by backend.routing.route_predictions with the real
-OpenAI client against a real OpenAI-compatible server (`slm-annotator judge-serve`), usage and cost by the
-store's route totals and slm_annotator.costs. The judge here is the same small base model with an adapter
-trained on every training item (a stronger annotator than the members, which see --n-train items); its
-tokens are priced as a big API model's (PRICE_JUDGE_*), which is the trade-off a team makes.
+Everything goes through the product's code: ensemble members trained by the worker's train_members (member t:
+its own adapter, seed + t, prompt template t), predictions by ModelServer.predict, routing by
+backend.routing.route_predictions with the real OpenAI client against a real OpenAI-compatible server
+(`slm-annotator judge-serve`), usage and cost by the store's route totals and slm_annotator.costs. The judge
+here is the same small base model with an adapter trained on every training item (a stronger annotator than
+the members, which see --n-train items); its tokens are priced as a big API model's (PRICE_JUDGE_*), which is
+the trade-off a team makes.
 
   python bench/bench_autoannotator.py --dataset lewidi:HS-Brexit --n-train 100 --out bench/results/autoannotator
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,24 +33,34 @@ from model.evaluate import scale_value
 from model.experiment import load_devset, split_devset, summary
 from model.judge import Judge, JudgeConfig
 from model.loader import load_base
+from model.members import member_paths
 from model.results import values_from_result
 from model.rubric import Rubric, parse_label_config
 from model.serving import AdapterRef, ModelServer
 from model.svg_charts import PALETTE, Series, line_chart
-from model.training import TrainConfig, save_adapter, train_adapter
+from model.training import TrainConfig
 from slm_annotator.costs import Prices, cost_table
 from slm_annotator.store import Store
+from worker.pipeline import train_members
 
 
-def train_to(path: Path, args: argparse.Namespace, rubric: Rubric, train: list[Example], templates: int) -> float:
-    """A fresh base per adapter (LoRA layers are injected into the model they train on)."""
+def train_to(path: Path, args: argparse.Namespace, rubric: Rubric, train: list[Example], members: int) -> float:
+    """Trains `members` adapters into one version folder, as the worker does; a folder already there is reused
+    (train in one call, evaluate in the next: each stays under a time limit)."""
+    if (path / "slm_adapter.json").exists() and len(member_paths(path)) >= members:
+        return json.loads((path / "slm_adapter.json").read_text()).get("train_seconds", 0.0)
     base = load_base(args.base_model, args.model_dir, args.quantization, args.device)
-    cfg = TrainConfig(epochs=args.epochs, templates=templates, seed=args.seed)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     started = time.perf_counter()
-    model, _ = train_adapter(base.model, base.tokenizer, rubric, train, cfg, base.device)
-    seconds = time.perf_counter() - started
-    save_adapter(model, path, {"templates": templates, "n_train": len(train)})
-    del model, base
+    train_members(base, rubric, train, TrainConfig(epochs=args.epochs, seed=args.seed), members, tmp, None, None,
+                  {"n_train": len(train)})
+    seconds = round(time.perf_counter() - started, 1)
+    meta = json.loads((tmp / "slm_adapter.json").read_text())
+    (tmp / "slm_adapter.json").write_text(json.dumps({**meta, "train_seconds": seconds}))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    del base
     return seconds
 
 
@@ -114,6 +126,7 @@ def main() -> None:
     p.add_argument("--price-slm-hour", type=float, default=2.5, help="an H100 hour")
     p.add_argument("--price-human-item", type=float, default=0.10)
     p.add_argument("--out", type=Path, default=Path("bench/results/autoannotator"))
+    p.add_argument("--train-only", action="store_true", help="train (or keep) the adapters and stop")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     prices = Prices(args.price_judge_input, args.price_judge_output, args.price_slm_hour, args.price_human_item)
@@ -123,18 +136,18 @@ def main() -> None:
     test = split.test[: args.limit_test] if args.limit_test else split.test
     members = [int(k) for k in args.members.split(",")]
     adapters = args.out / "adapters"
-    seconds = {
-        "single": train_to(adapters / "single", args, rubric, split.train[: args.n_train], 1),
-        **{f"templates-{k}": train_to(adapters / f"templates-{k}", args, rubric, split.train[: args.n_train], k)
-           for k in members},
+    seconds = {  # member 0 is the single scorer: the same seed and template
+        f"{max(members)} members": train_to(adapters / "members", args, rubric, split.train[: args.n_train],
+                                            max(members)),
         "judge": train_to(adapters / "judge", args, rubric, split.train[: args.judge_train or None], 1),
     }
+    if args.train_only:
+        print(json.dumps(seconds))
+        return
     server = ModelServer(args.base_model, args.model_dir, args.quantization, args.device, 32, 1024, 4)
     tasks = [{"id": i, "data": e.data} for i, e in enumerate(test)]
     runs: dict[str, tuple[Any, float]] = {}
-    plan = [("single", "single", 1)]
-    for k in members:  # each vote's adapter is trained on its k templates; its template 0 alone is the control
-        plan += [(f"template 0 of the k{k} adapter", f"templates-{k}", 1), (f"vote-k{k}", f"templates-{k}", k)]
+    plan = [("single", "members", 1)] + [(f"vote-k{k}", "members", k) for k in members]
     for name, adapter, k in plan:
         ref = AdapterRef(f"bench-{adapter}", adapters / adapter)
         server.predict(rubric, tasks[:8], ref, ref.name, members=k)  # load and warm up

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from model.agreement import consensus, model_vs_consensus, model_vs_humans
 from model.dataset import Example
+from model.ensemble import vote
 from model.prompt import PromptBuilder
 from model.rubric import Dimension, Rubric
-from model.scorer import Scorer, decode
+from model.scorer import Scorer
 
 
 def scale_value(dim: Dimension, value: str | None) -> float | None:
@@ -23,20 +25,42 @@ def scale_value(dim: Dimension, value: str | None) -> float | None:
     return float(dim.values.index(value))
 
 
+AS_IS = "<as-is>"  # score with whatever adapter the model has active
+
+
 def predict_examples(
     model: Any, tokenizer: Any, device: torch.device, rubric: Rubric, examples: Sequence[Example],
-    batch_size: int = 8, max_tokens: int = 1024, decoding: str = "argmax",
+    batch_size: int = 8, max_tokens: int = 1024, decoding: str = "argmax", slots: Sequence[str | None] = (AS_IS,),
 ) -> list[list[str]]:
-    builder = PromptBuilder(tokenizer, rubric, max_tokens)
-    encoded = [builder.encode(e.data) for e in examples]
-    dists = Scorer(model, tokenizer, device, batch_size).distributions(encoded, [s.token_ids for s in builder.spaces])
-    out = []
-    for per_dim in dists:
-        out.append([
-            decode(d.values, p, "expected" if decoding == "expected" and d.level != "nominal" else "argmax").value
-            for d, p in zip(rubric.dimensions, per_dim, strict=True)
-        ])
-    return out
+    """Member t reads prompt template t with peft adapter slots[t] (None: adapters off); the members vote.
+
+    The gate scores exactly what would be served: the same members, templates and vote as ModelServer.predict.
+    """
+    candidates = None
+    member_dists = []
+    for t, slot in enumerate(slots):
+        builder = PromptBuilder(tokenizer, rubric, max_tokens, t)
+        candidates = candidates or [s.token_ids for s in builder.spaces]
+        encoded = [builder.encode(e.data) for e in examples]
+        with _active(model, slot):
+            member_dists.append(Scorer(model, tokenizer, device, batch_size).distributions(encoded, candidates))
+    modes = ["expected" if decoding == "expected" and d.level != "nominal" else "argmax" for d in rubric.dimensions]
+    return [
+        [vote(d.values, [m[i][j] for m in member_dists], modes[j]).score.value for j, d in enumerate(rubric.dimensions)]
+        for i in range(len(examples))
+    ]
+
+
+@contextlib.contextmanager
+def _active(model: Any, slot: str | None) -> Iterator[None]:
+    if slot == AS_IS:
+        yield
+    elif slot is None:
+        with model.disable_adapter():
+            yield
+    else:
+        model.set_adapter(slot)
+        yield
 
 
 def agreement(rubric: Rubric, examples: Sequence[Example], predicted: Sequence[Sequence[str]]) -> dict[str, Any]:

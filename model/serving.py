@@ -15,6 +15,7 @@ from typing import Any
 
 from model.ensemble import Vote, task_uncertainty, vote
 from model.loader import LoadedBase, load_base
+from model.members import member_of, member_paths
 from model.prompt import Encoded, PromptBuilder, TaskDataError
 from model.results import to_ls_result
 from model.rubric import Rubric
@@ -43,6 +44,11 @@ class AdapterRef:
     name: str  # the model_version it is served under
     path: Path
 
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """The trained ensemble members' adapters, member 0 (this folder) first."""
+        return member_paths(self.path)
+
 
 @dataclass(frozen=True)
 class TaskPrediction:
@@ -68,32 +74,36 @@ class AdapterSet:
         self.base_model = base_model
         self.model: Any = base_model
         self.capacity = max(1, capacity)
-        self.loaded: OrderedDict[str, Path] = OrderedDict()
+        self.loaded: OrderedDict[str, list[str]] = OrderedDict()  # model_version -> its members' peft slots
 
-    def activate(self, ref: AdapterRef | None) -> Any:
-        """Returns a context-free model ready to score; call under the scorer lock."""
+    def activate(self, ref: AdapterRef | None, member: int = 0) -> Any:
+        """Returns a context-free model with the member's adapter active; call under the scorer lock."""
         if ref is None:
             return None
         if ref.name not in self.loaded:
             self._load(ref)
         self.loaded.move_to_end(ref.name)
-        self.model.set_adapter(slot_name(ref.name))
+        slots = self.loaded[ref.name]
+        self.model.set_adapter(slots[member_of(ref.paths, member)])
         return self.model
 
     def _load(self, ref: AdapterRef) -> None:
+        """Loads every member of the version: one version is one unit for the LRU capacity."""
         from peft import PeftModel
 
-        slot = slot_name(ref.name)
-        if self.model is self.base_model:
-            self.model = PeftModel.from_pretrained(self.base_model, str(ref.path), adapter_name=slot)
-        else:
-            self.model.load_adapter(str(ref.path), adapter_name=slot)
+        slots = [member_slot(ref.name, m) for m in range(len(ref.paths))]
+        for slot, path in zip(slots, ref.paths, strict=True):
+            if self.model is self.base_model:
+                self.model = PeftModel.from_pretrained(self.base_model, str(path), adapter_name=slot)
+            else:
+                self.model.load_adapter(str(path), adapter_name=slot)
         self.model.eval()
-        self.loaded[ref.name] = ref.path
+        self.loaded[ref.name] = slots
         while len(self.loaded) > self.capacity:
-            oldest, _ = self.loaded.popitem(last=False)
-            self.model.set_adapter(slot)
-            self.model.delete_adapter(slot_name(oldest))
+            oldest, old_slots = self.loaded.popitem(last=False)
+            self.model.set_adapter(slots[0])
+            for old in old_slots:
+                self.model.delete_adapter(old)
             log.info("evicted adapter %s", oldest)
 
 
@@ -101,6 +111,10 @@ def slot_name(model_version: str) -> str:
     """peft adapter names become module names: no dots (a base called "Qwen3-1.7B" has one in every version)."""
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", model_version)
     return f"{safe}_{hashlib.sha1(model_version.encode()).hexdigest()[:8]}"
+
+
+def member_slot(model_version: str, member: int) -> str:
+    return slot_name(model_version) if member == 0 else f"{slot_name(model_version)}_m{member}"
 
 
 class ModelServer:
@@ -239,7 +253,8 @@ class ModelServer:
     ) -> list[TaskPrediction]:
         """Valid by construction: every value comes from the dimension's own closed set.
 
-        With members > 1 every task is scored once per prompt template (one batch for all) and the members vote.
+        With members > 1 member t scores every task with prompt template t and its own trained adapter (or the
+        served adapter, if it was trained as a single scorer); the members vote.
         """
         base = self.ensure_loaded()
         members = max(1, members)
@@ -257,12 +272,7 @@ class ModelServer:
         try:
             if adapter is not None and adapter.name not in self._adapters.loaded:
                 self._load_adapter(adapter, lock)
-            model = self._adapters.activate(adapter)
-            if model is None and self._adapters.model is not base.model:
-                with self._adapters.model.disable_adapter():
-                    dists = _score_unlocked(self._scorer, self._adapters.model, encoded, candidates)
-            else:
-                dists = _score_unlocked(self._scorer, model or base.model, encoded, candidates)
+            dists = self._score_members(adapter, base, encoded, candidates, members, len(tasks))
         except _HandedOff:
             handed_off = True
             raise
@@ -286,6 +296,25 @@ class ModelServer:
             out.append(TaskPrediction(result, score, model_version, votes, tokens))
         return out
 
+    def _score_members(self, adapter: AdapterRef | None, base: LoadedBase, encoded: Sequence[Encoded],
+                       candidates: Any, members: int, n: int) -> list[Any]:
+        """One batched pass per distinct adapter: members that share one are scored together."""
+        assert self._scorer is not None and self._adapters is not None
+        adapters = self._adapters
+        owner = [member_of(adapter.paths, t) if adapter is not None else 0 for t in range(members)]
+        dists: list[Any] = [None] * len(encoded)
+        for who in sorted(set(owner)):
+            rows = [t * n + i for t in range(members) if owner[t] == who for i in range(n)]
+            model = adapters.activate(adapter, who)
+            part = [encoded[r] for r in rows]
+            if model is None and adapters.model is not base.model:
+                with adapters.model.disable_adapter():
+                    scored = _score_unlocked(self._scorer, adapters.model, part, candidates)
+            else:
+                scored = _score_unlocked(self._scorer, model or base.model, part, candidates)
+            for r, d in zip(rows, scored, strict=True):
+                dists[r] = d
+        return dists
 
     def _load_adapter(self, ref: AdapterRef, lock: threading.Lock) -> None:
         """Loads an adapter in a helper thread for at most wait_timeout (the caller holds the scorer lock).

@@ -51,6 +51,7 @@ class TrainConfig:
     val_fraction: float = 0.0  # share of training tasks held out for early stopping (0: train all epochs)
     patience: int = 1  # epochs without a better validation loss before stopping; the best epoch is kept
     templates: int = 1  # prompt templates an ensemble votes with: each example is shown in one of them at random
+    template: int = 0  # the first of them: ensemble member t is its own adapter trained on template t
 
 
 @dataclass
@@ -187,7 +188,8 @@ def train_adapter(
     train = relabel(train, rubric, cfg.label_mode)
     peft_model = attach_lora(model, cfg, init_adapter)
     peft_model.train()
-    builders = [PromptBuilder(tokenizer, rubric, cfg.max_tokens, t) for t in range(max(1, cfg.templates))]
+    builders = [PromptBuilder(tokenizer, rubric, cfg.max_tokens, cfg.template + t)
+                for t in range(max(1, cfg.templates))]
     builder = builders[0]
     candidates = [s.token_ids for s in builder.spaces]
     protected = set(tokenizer.all_special_ids)

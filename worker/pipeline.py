@@ -7,24 +7,28 @@ untouched, and the next attempt starts over.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from model.dataset import Example, StoredLabel, examples_from_labels, split_heldout
 from model.evaluate import agreement, predict_examples
 from model.loader import load_base
+from model.members import member_dir, member_of, member_paths
 from model.rubric import RubricError, parse_label_config
-from model.training import TrainConfig, config_dict, save_adapter, train_adapter
+from model.training import TrainConfig, TrainStats, config_dict, save_adapter, train_adapter
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
+from worker.policy import members_for
 
 log = logging.getLogger(__name__)
 MIN_TASKS = 4
@@ -91,26 +95,28 @@ def run_training(
     if continual and served is not None:  # without a served adapter, a full training takes the pool in
         train, continual_info = continual_set(rubric, pool, train, heldout, examples, settings.replay_ratio, cfg.seed)
     base = load_base(settings.base_model, settings.model_dir, settings.quantization, settings.device)
+    k = members_for(settings, extra)
     init = Path(served.path) if continual_info and served is not None else None
-    peft_model, stats = train_adapter(
-        base.model, base.tokenizer, rubric, train, cfg, base.device, init_adapter=init, progress=progress
-    )
-    if progress:
-        progress({"phase": "evaluating"})
-    batch = settings.predict_batch_size
-    new_eval = agreement(rubric, heldout, predict_examples(
-        peft_model, base.tokenizer, base.device, rubric, heldout, batch, cfg.max_tokens))
-    if served is not None:
-        peft_model.load_adapter(served.path, adapter_name="current")
-        peft_model.set_adapter("current")
-        current_preds = predict_examples(
-            peft_model, base.tokenizer, base.device, rubric, heldout, batch, cfg.max_tokens)
-        peft_model.set_adapter("default")
-    else:
-        with peft_model.disable_adapter():
-            current_preds = predict_examples(
-                peft_model, base.tokenizer, base.device, rubric, heldout, batch, cfg.max_tokens)
-    current_eval = agreement(rubric, heldout, current_preds)
+    tmp = _tmp_dir(settings, project_id, run_id)
+    try:
+        model, stats = train_members(base, rubric, train, cfg, k, tmp, init, progress, {
+            "project": project_id, "base_model": settings.base_model, "quantization": settings.quantization,
+            "rubric_dimensions": [d.key for d in rubric.dimensions]})
+        if progress:
+            progress({"phase": "evaluating"})
+        model, new_slots = _load_members(model, tmp, "new")
+        score = functools.partial(predict_examples, model, base.tokenizer, base.device, rubric, heldout,
+                                  settings.predict_batch_size, cfg.max_tokens)
+        new_eval = agreement(rubric, heldout, score(slots=new_slots))
+        if served is not None:
+            model, cur_slots = _load_members(model, Path(served.path), "current")
+            current_eval = agreement(rubric, heldout, score(slots=[cur_slots[member_of(
+                tuple(cur_slots), t)] for t in range(k)]))
+        else:
+            current_eval = agreement(rubric, heldout, score(slots=[None] * k))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     tolerance = settings.forgetting_tolerance if continual_info else settings.promotion_tolerance
     promote = new_eval["score"] >= current_eval["score"] - tolerance
     if continual_info:  # earlier held-out labels, before and after: forgetting blocks promotion
@@ -122,17 +128,16 @@ def run_training(
     metrics = {
         "new": new_eval, "current": current_eval,
         "current_version": served.model_version if served else settings.base_version,
-        "train": {"tasks": len(train), "labels": stats.labels_seen // max(cfg.epochs, 1), "steps": stats.steps,
-                  "seconds": round(stats.seconds, 1), "samples_per_second": round(stats.samples_per_second, 2),
-                  "final_loss": stats.losses[-1] if stats.losses else None,
-                  "val_losses": [round(v, 4) for v in stats.val_losses], "best_epoch": stats.best_epoch},
+        "train": {"tasks": len(train), "labels": stats[0].labels_seen // max(cfg.epochs, 1), "members": k,
+                  "steps": sum(s.steps for s in stats), "seconds": round(sum(s.seconds for s in stats), 1),
+                  "samples_per_second": round(stats[0].samples_per_second, 2),
+                  "final_loss": stats[0].losses[-1] if stats[0].losses else None,
+                  "val_losses": [round(v, 4) for v in stats[0].val_losses],
+                  "best_epoch": [s.best_epoch for s in stats] if k > 1 else stats[0].best_epoch},
         "heldout_tasks": len(heldout), "config": config_dict(cfg), "continual": continual_info or None,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    target = _write_adapter(settings, project_id, version, peft_model, {
-        "project": project_id, "version": version, "model_version": model_version, "base_model": settings.base_model,
-        "quantization": settings.quantization, "rubric_dimensions": [d.key for d in rubric.dimensions],
-    })
+    target = _promote_dir(settings, project_id, version, tmp, model_version)
     store.add_adapter(AdapterVersion(
         project_id=project_id, version=version, model_version=model_version, path=str(target),
         status="served" if promote else "refused", base_model=settings.base_model, metrics=metrics,
@@ -174,8 +179,59 @@ def continual_set(
     return hard + replay, {"pool_items": len(hard), "replay_items": len(replay), "pool_samples": len(pool)}
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def train_members(
+    base: Any, rubric: Any, train: list[Example], cfg: TrainConfig, k: int, folder: Path, init: Path | None,
+    progress: Progress | None, meta: dict[str, Any],
+) -> tuple[Any, list[TrainStats]]:
+    """Trains the k ensemble members one after another on one base (member t: seed + t, template t), saving each
+    into the run's folder; returns the base with LoRA removed again, and each member's statistics."""
+    model, stats = base.model, []
+    inits = member_paths(init) if init is not None else ()
+    for t in range(k):
+        member_cfg = replace(cfg, seed=cfg.seed + t, template=t) if k > 1 else cfg
+        start = inits[member_of(inits, t)] if inits else None
+        report = (lambda u, t=t: progress({**u, "member": t + 1, "members": k})) if progress and k > 1 else progress
+        peft_model, member_stats = train_adapter(
+            model, base.tokenizer, rubric, train, member_cfg, base.device, init_adapter=start, progress=report)
+        save_adapter(peft_model, member_dir(folder, t), {
+            **meta, "member": t, "members": k, "template": member_cfg.template, "seed": member_cfg.seed})
+        model = peft_model.unload()  # the bare base again, for the next member
+        stats.append(member_stats)
+    return model, stats
+
+
+def _load_members(model: Any, folder: Path, prefix: str) -> tuple[Any, list[str]]:
+    """Loads an adapter version's members as named peft adapters, the way serving loads them."""
+    from peft import PeftModel
+
+    slots = []
+    for t, path in enumerate(member_paths(folder)):
+        slots.append(f"{prefix}{t}")
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=slots[-1])
+        else:
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=slots[-1])
+    model.eval()
+    return model, slots
+
+
+def _tmp_dir(settings: Settings, project_id: str, run_id: int) -> Path:
+    """The run's members are written here while it trains; renamed into place only if it gets a version."""
+    folder = project_dir(settings, project_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(folder)
+    tmp = folder / f".tmp-run{run_id}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
 def _remove_stale_tmp(folder: Path) -> None:
-    """Temp dirs of runs killed while saving: never served, only disk."""
+    """Temp dirs of runs killed mid-way: never served, only disk. A live run's own dir is fresh (just made)."""
     cutoff = time.time() - STALE_TMP_SECONDS
     for stale in folder.glob(".tmp-*"):
         try:
@@ -185,19 +241,14 @@ def _remove_stale_tmp(folder: Path) -> None:
             pass
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
-def _write_adapter(settings: Settings, project_id: str, version: int, peft_model: Any, meta: dict[str, Any]) -> Path:
-    """Temp dir + rename: a reader sees no adapter dir or a complete one, never a half-written one."""
-    folder = project_dir(settings, project_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(folder)
-    tmp = folder / f".tmp-v{version}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(peft_model, tmp, meta)
-    target = folder / f"v{version}"
+def _promote_dir(settings: Settings, project_id: str, version: int, tmp: Path, model_version: str) -> Path:
+    """Rename: a reader sees no adapter dir or a complete one, never a half-written one."""
+    for path in member_paths.__wrapped__(tmp):
+        meta_file = path / "slm_adapter.json"
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text(json.dumps({**meta, "version": version, "model_version": model_version},
+                                        indent=2, sort_keys=True, default=str))
+    target = project_dir(settings, project_id) / f"v{version}"
     if target.exists():  # an orphan of a run killed between rename and commit: it was never served
         shutil.rmtree(target)
     os.replace(tmp, target)

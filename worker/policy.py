@@ -20,6 +20,7 @@ from slm_annotator.store import Store
 log = logging.getLogger(__name__)
 QUEUE_NAME = "slm-annotator"
 ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+MAX_MEMBERS = 8  # ensemble members: each is a trained adapter and a forward pass per task
 ACTIVE_CACHE_SECONDS = 2.0  # a burst of webhooks while a job is queued or running skips the Redis round trips
 
 
@@ -38,6 +39,11 @@ def _positive_int(extra_params: dict[str, Any] | None, key: str, default: int) -
 
 def threshold_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
     return _positive_int(extra_params, "train_threshold", settings.train_threshold)
+
+
+def members_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
+    """k, the ensemble size (ENSEMBLE, extra_params "ensemble" per project): adapters trained, members voting."""
+    return min(_positive_int(extra_params, "ensemble", settings.ensemble), MAX_MEMBERS)
 
 
 def pool_size_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
