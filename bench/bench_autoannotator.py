@@ -126,7 +126,8 @@ def main() -> None:
     p.add_argument("--price-slm-hour", type=float, default=2.5, help="an H100 hour")
     p.add_argument("--price-human-item", type=float, default=0.10)
     p.add_argument("--out", type=Path, default=Path("bench/results/autoannotator"))
-    p.add_argument("--train-only", action="store_true", help="train (or keep) the adapters and stop")
+    p.add_argument("--train-only", choices=["all", "members", "judge"], default="",
+                   help="train (or keep) these adapters and stop: two processes can train both at once")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     prices = Prices(args.price_judge_input, args.price_judge_output, args.price_slm_hour, args.price_human_item)
@@ -136,11 +137,12 @@ def main() -> None:
     test = split.test[: args.limit_test] if args.limit_test else split.test
     members = [int(k) for k in args.members.split(",")]
     adapters = args.out / "adapters"
-    seconds = {  # member 0 is the single scorer: the same seed and template
-        f"{max(members)} members": train_to(adapters / "members", args, rubric, split.train[: args.n_train],
-                                            max(members)),
-        "judge": train_to(adapters / "judge", args, rubric, split.train[: args.judge_train or None], 1),
-    }
+    seconds = {}  # member 0 is the single scorer: the same seed and template
+    if args.train_only in ("", "all", "members"):
+        seconds[f"{max(members)} members"] = train_to(adapters / "members", args, rubric,
+                                                      split.train[: args.n_train], max(members))
+    if args.train_only in ("", "all", "judge"):
+        seconds["judge"] = train_to(adapters / "judge", args, rubric, split.train[: args.judge_train or None], 1)
     if args.train_only:
         print(json.dumps(seconds))
         return
