@@ -119,9 +119,20 @@ def test_a_crash_during_promotion_leaves_the_previous_adapter_served(trained, mo
     assert later.status == "promoted", later.detail
     assert store.served_adapter("41").version == 2 and _served(settings, "41")[0] == later.model_version
     assert [(a.version, a.status) for a in store.adapters("41")] == [(1, "retired"), (2, "served")]
-    leftovers = list(folder.glob(".tmp-*"))
-    assert len(leftovers) == (1 if mode == "write" else 0)  # the dead run's temp dir, until it is stale
-    if leftovers:
-        os.utime(leftovers[0], (time.time() - 3600, time.time() - 3600))
-        run_training(settings, store, "41", store.start_run("41", "t", "t").id)
-        assert not list(folder.glob(".tmp-*"))
+    assert not list(folder.glob(".tmp-*"))  # the dead run's half-written folder went when the next run began
+
+
+def test_a_new_run_clears_dead_runs_temp_folders_and_only_those(trained) -> None:
+    from worker.pipeline import _remove_dead_tmp, _tmp_dir
+
+    settings, store = trained
+    dead = store.start_run("41", "killed", "test")
+    dead_tmp = _tmp_dir(settings, store, "41", dead.id)
+    live = store.start_run("41", "next", "test")  # marks the killed one abandoned
+    live_tmp = _tmp_dir(settings, store, "41", live.id)
+    assert live_tmp.is_dir() and not dead_tmp.exists()
+    old, young = live_tmp.with_name(".tmp-v9-1"), live_tmp.with_name(".tmp-v10-1")  # an older layout's names
+    old.mkdir(), young.mkdir()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    _remove_dead_tmp(live_tmp.parent, {live.id})
+    assert live_tmp.is_dir() and young.is_dir() and not old.exists()

@@ -69,7 +69,7 @@ def train_project(project_id: str, trigger: str = "threshold", continual: bool =
         except SyncError as exc:
             log.warning("sync before training skipped: %s", exc)
         store.set_flags(project_id, sync_requested=False)
-    if job is not None and _already_taken(settings, store, project_id):
+    if job is not None and trigger == "recovered" and _already_taken(settings, store, project_id):
         log.info("project %s: nothing due and the last run finished; duplicate request skipped", project_id)
         return {"status": "skipped", "detail": "nothing new since the last run (a duplicate request)"}
     continual = continual or pool_due(settings, store, project_id)  # a full pool: fine-tune on it, not from scratch
@@ -97,8 +97,9 @@ def train_project(project_id: str, trigger: str = "threshold", continual: bool =
 
 
 def _already_taken(settings: Settings, store: Store, project_id: str) -> bool:
-    """A request that a finished run already served, delivered again (a flusher or a second backend process read
-    the flag just before that run cleared it). A retry after a crash still runs: its last run did not finish."""
+    """A flusher's re-send of a request that a finished run already served (the flusher, here or in another
+    backend process, read the flag just before that run cleared it). Explicit requests always run, and so does a
+    retry after a crash: its last run did not finish."""
     if due(settings, store, project_id):
         return False
     runs = store.runs(project_id)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -97,7 +98,7 @@ def run_training(
     base = load_base(settings.base_model, settings.model_dir, settings.quantization, settings.device)
     k = members_for(settings, extra)
     init = Path(served.path) if continual_info and served is not None else None
-    tmp = _tmp_dir(settings, project_id, run_id)
+    tmp = _tmp_dir(settings, store, project_id, run_id)
     try:
         model, stats = train_members(base, rubric, train, cfg, k, tmp, init, progress, {
             "project": project_id, "base_model": settings.base_model, "quantization": settings.quantization,
@@ -219,23 +220,26 @@ def _load_members(model: Any, folder: Path, prefix: str) -> tuple[Any, list[str]
     return model, slots
 
 
-def _tmp_dir(settings: Settings, project_id: str, run_id: int) -> Path:
+def _tmp_dir(settings: Settings, store: Store, project_id: str, run_id: int) -> Path:
     """The run's members are written here while it trains; renamed into place only if it gets a version."""
     folder = project_dir(settings, project_id)
     folder.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(folder)
+    live = {r.id for r in store.runs(project_id) if r.status == "running" and r.id != run_id}
+    _remove_dead_tmp(folder, live)
     tmp = folder / f".tmp-run{run_id}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
 
 
-def _remove_stale_tmp(folder: Path) -> None:
-    """Temp dirs of runs killed mid-way: never served, only disk. A live run's own dir is fresh (just made)."""
+def _remove_dead_tmp(folder: Path, live_runs: set[int]) -> None:
+    """Folders of runs that died mid-way (killed workers): never served, only disk. A run's folder goes as soon
+    as the run is no longer running; one without a run id in its name once it is STALE_TMP_SECONDS old."""
     cutoff = time.time() - STALE_TMP_SECONDS
     for stale in folder.glob(".tmp-*"):
+        found = re.match(r"\.tmp-run(\d+)-", stale.name)
         try:
-            if stale.stat().st_mtime < cutoff:
+            if (int(found.group(1)) not in live_runs) if found else stale.stat().st_mtime < cutoff:
                 shutil.rmtree(stale, ignore_errors=True)
         except FileNotFoundError:
             pass
