@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RoutingPolicy:
-    members: int  # k prompt templates that vote; 1: a single scorer, no routing
+    members: int  # k members (adapters, templates) that vote; 1: a single scorer, no routing
     route: str  # none | human | judge
     epsilon: float  # route items with U(x) >= epsilon
 

@@ -22,8 +22,8 @@ SYSTEM_HINT = (
     "You are a careful annotator. Read the input and judge it on every criterion of the rubric, "
     "the way the team's human annotators would."
 )
-# Ensemble members are prompt templates (the paper's augmentation made deterministic): other wording, the rubric
-# before or after the texts, the texts and the listed options in another order. Template 0 is the default prompt.
+# Ensemble member t reads prompt template t (the paper's augmentation made deterministic): other wording, the
+# rubric before or after the texts, the texts and the listed options in another order. Template 0 is the default.
 TEMPLATE_HINTS = (
     SYSTEM_HINT,
     "Label the item below like an experienced member of the annotation team. Give one answer per criterion.",

@@ -50,8 +50,8 @@ class TrainConfig:
     label_mode: str = "soft"  # soft: the raters' distribution | majority: the consensus | per_rater: one each
     val_fraction: float = 0.0  # share of training tasks held out for early stopping (0: train all epochs)
     patience: int = 1  # epochs without a better validation loss before stopping; the best epoch is kept
-    templates: int = 1  # prompt templates an ensemble votes with: each example is shown in one of them at random
-    template: int = 0  # the first of them: ensemble member t is its own adapter trained on template t
+    template: int = 0  # the prompt template this adapter learns (ensemble member t: template t)
+    templates: int = 1  # > 1: each example in one of templates template .. template + templates - 1, at random
 
 
 @dataclass
