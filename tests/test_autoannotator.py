@@ -310,3 +310,48 @@ def test_a_failing_unreachable_or_spent_judge_sends_items_to_humans(settings, ju
                               0.0)
     assert spent[0].route == "human"
     assert {u.route: u.items for u in store.usage("9")}["judge"] == 3  # the over-budget item never reached the judge
+
+
+def test_a_request_waiting_on_the_judge_keeps_its_predict_slot(settings) -> None:
+    """PREDICT_QUEUE_LIMIT counts judge calls: the request waiting on a hung judge still holds its slot, so a
+    second prediction is turned away (503) instead of taking the thread a webhook needs."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    reached, held = threading.Event(), []
+
+    def hang() -> None:  # a judge that accepts the connection and never answers
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            reached.set()
+
+    threading.Thread(target=hang, daemon=True).start()
+    settings = replace(settings, predict_queue_limit=1, ensemble=3, route="judge", route_epsilon=0.0,
+                       judge_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1", judge_model="big",
+                       judge_timeout=3.0, judge_retries=0)
+    client = create_app(settings).test_client()
+    client.post("/setup", json={"project": "61.1", "schema": CONFIG})
+    body = {"project": "61.1", "tasks": [{"id": 1, "data": {"text": "sad"}}]}
+    quick = {**body, "params": {"extra_params": json.dumps({"route": "none"})}}
+    assert client.post("/predict", json=quick).status_code == 200  # the model is loaded before the race
+    first: list = []
+    waiting = threading.Thread(target=lambda: first.append(client.post("/predict", json=body)))
+    waiting.start()
+    try:
+        assert reached.wait(60), "the judge was never called"
+        turned_away = client.post("/predict", json=quick)
+        assert turned_away.status_code == 503 and "PREDICT_QUEUE_LIMIT" in turned_away.json["error"]
+    finally:
+        waiting.join(60)
+        listener.close()
+        for conn in held:
+            conn.close()
+    (reply,) = first
+    assert reply.status_code == 200  # the hung judge timed out: the item went to a human, not lost
+    assert reply.json["results"][0]["score"] < 0 and "meta" in reply.json["results"][0]["result"][0]
+    assert client.post("/predict", json=quick).status_code == 200  # and the slot was given back
