@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -194,11 +195,14 @@ def test_continual_set_is_the_pool_plus_replay_and_never_a_heldout_task(continua
     assert all(e.hard and e.ratings == {"judge:judge:big": {"sentiment": "neg"}} and e.data for e in chosen[:5])
 
 
-def test_a_full_pool_fine_tunes_the_served_adapter_and_reports_forgetting(continual_settings, monkeypatch) -> None:
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_full_pool_fine_tunes_the_served_adapter_and_reports_forgetting(continual_settings, monkeypatch,
+                                                                          members: int) -> None:
+    from worker import pipeline
     from worker.jobs import train_project
     from worker.policy import due
 
-    settings = continual_settings
+    settings = replace(continual_settings, ensemble=members)
     store = Store(settings.database_url)
     fill(store, "4", n_tasks=48)
     run = store.start_run("4", "inline", "test")
@@ -212,9 +216,20 @@ def test_a_full_pool_fine_tunes_the_served_adapter_and_reports_forgetting(contin
         store.add_hard_sample("4", t + 1, "judge", "judge:big", label.values, label.task_data)
     assert due(settings, store, "4")  # the pool reached beta = 10
     for key, value in {"HARD_POOL_SIZE": "10", "TRAIN_EPOCHS": "2", "TRAIN_LR": "0.01", "HELDOUT_FRACTION": "0.25",
-                       "LORA_R": "8", "TOKEN_DROPOUT_SHARE": "0"}.items():
+                       "LORA_R": "8", "TOKEN_DROPOUT_SHARE": "0", "ENSEMBLE": str(members)}.items():
         monkeypatch.setenv(key, value)  # the job reads its settings from the environment, as in a worker
+    served = store.served_adapter("4").path
+    starts: list = []
+    real_train = pipeline.train_adapter
+
+    def spy(*args, init_adapter=None, **kwargs):
+        starts.append(init_adapter)
+        return real_train(*args, init_adapter=init_adapter, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_adapter", spy)
     outcome = train_project("4", "threshold")
+    expected = [Path(served)] + [Path(served) / "members" / str(m) for m in range(1, members)]
+    assert starts == expected  # every scorer goes on from its own served adapter
     runs = store.runs("4")
     assert runs[-1].trigger == "hard_pool"
     info = runs[-1].metrics["continual"]
