@@ -36,9 +36,9 @@ def running_judge(model_dir: Path, folder: Path, api_key: str, model_name: str) 
             assert proc.poll() is None, (folder / "server.log").read_text()
             assert time.monotonic() < deadline, "judge-serve did not answer in 180 s"
             try:
-                if requests.get(f"{url}/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=5).ok:
+                if requests.get(f"{url}/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=30).ok:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still busy loading on a loaded machine
                 pass
             time.sleep(0.5)
         yield url
