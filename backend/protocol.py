@@ -19,6 +19,7 @@ from model.prompt import TaskDataError
 from model.results import values_from_result
 from model.rubric import Rubric, RubricError, parse_extra_params
 from model.serving import ModelUnavailable
+from worker.policy import members_for
 
 log = logging.getLogger(__name__)
 bp = Blueprint("protocol", __name__)
@@ -79,10 +80,20 @@ def setup() -> Any:
         project = svc.store.project(pid)
         if project is None or any(getattr(project, k) != v for k, v in fields.items()):
             svc.store.upsert_project(pid, **fields)
+            _train_missing_members(svc, pid, extra)
         if config:
             svc.remember_config(pid, config)
     _, version = svc.adapter_for(pid)
     return jsonify(model_version=version)
+
+
+def _train_missing_members(svc: Services, pid: str, extra: dict[str, Any]) -> None:
+    """A project that now asks for more ensemble members than its served adapter has gets them trained now,
+    not at the next threshold; until then its one adapter is read through k templates."""
+    adapter, _ = svc.adapter_for(pid)
+    if adapter is not None and len(adapter.paths) < members_for(svc.settings, extra):
+        state = svc.trigger.maybe_train(pid, force=True, trigger="ensemble")
+        metrics.TRAININGS_QUEUED.labels(state.split(":")[0]).inc()
 
 
 @bp.post("/predict")

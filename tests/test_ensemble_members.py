@@ -80,3 +80,31 @@ def test_each_member_scores_with_its_own_adapter_and_a_version_is_evicted_whole(
     assert [sum(p.votes[0].votes) for p in single] == [3, 3]  # one adapter read through three templates
     adapters = server._adapters
     assert list(adapters.loaded) == ["good"] and len(adapters.model.peft_config) == 1  # "mixed" went, all 3 slots
+
+
+def test_asking_for_more_members_than_the_served_adapter_has_queues_their_training(toy_settings,
+                                                                                    embedded_redis_url) -> None:
+    from redis import Redis
+    from rq import Queue
+    from rq.job import Job
+
+    from worker.policy import QUEUE_NAME, job_id
+
+    settings = replace(toy_settings, redis_url=embedded_redis_url)
+    conn = Redis.from_url(embedded_redis_url)
+    conn.delete(f"rq:job:{job_id('34')}")
+    store = Store(settings.database_url)
+    _train(settings, store, "34")  # one member
+    client = create_app(settings).test_client()
+    client.post("/setup", json={"project": "34.1", "schema": CONFIG})
+    assert not store.project("34").training_requested  # nothing changed: nothing to train
+    client.post("/setup", json={"project": "34.1", "schema": CONFIG, "extra_params": '{"ensemble": 1}'})
+    assert not store.project("34").training_requested  # one member asked for, one there
+    try:
+        client.post("/setup", json={"project": "34.1", "schema": CONFIG, "extra_params": '{"ensemble": 3}'})
+        assert store.project("34").training_requested
+        job = Job.fetch(job_id("34"), connection=conn)
+        assert job.args == ("34", "ensemble") and job.id in Queue(QUEUE_NAME, connection=conn).job_ids
+    finally:
+        Queue(QUEUE_NAME, connection=conn).remove(job_id("34"))
+        conn.delete(f"rq:job:{job_id('34')}")
