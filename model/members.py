@@ -25,6 +25,6 @@ def member_paths(adapter_dir: Path) -> tuple[Path, ...]:
     return (adapter_dir, *(p for i, p in found if i > 0))
 
 
-def member_of(paths: tuple[Path, ...], member: int) -> int:
-    """Which trained adapter scores member `member`: its own, or member 0's when fewer were trained."""
-    return member if member < len(paths) else 0
+def member_of(trained: int, member: int) -> int:
+    """Which of the `trained` adapters scores member `member`: its own, or member 0's when fewer were trained."""
+    return member if member < trained else 0

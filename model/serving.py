@@ -84,7 +84,7 @@ class AdapterSet:
             self._load(ref)
         self.loaded.move_to_end(ref.name)
         slots = self.loaded[ref.name]
-        self.model.set_adapter(slots[member_of(ref.paths, member)])
+        self.model.set_adapter(slots[member_of(len(slots), member)])
         return self.model
 
     def _load(self, ref: AdapterRef) -> None:
@@ -301,7 +301,7 @@ class ModelServer:
         """One batched pass per distinct adapter: members that share one are scored together."""
         assert self._scorer is not None and self._adapters is not None
         adapters = self._adapters
-        owner = [member_of(adapter.paths, t) if adapter is not None else 0 for t in range(members)]
+        owner = [member_of(len(adapter.paths), t) if adapter is not None else 0 for t in range(members)]
         dists: list[Any] = [None] * len(encoded)
         for who in sorted(set(owner)):
             rows = [t * n + i for t in range(members) if owner[t] == who for i in range(n)]

@@ -111,8 +111,8 @@ def run_training(
         new_eval = agreement(rubric, heldout, score(slots=new_slots))
         if served is not None:
             model, cur_slots = _load_members(model, Path(served.path), "current")
-            current_eval = agreement(rubric, heldout, score(slots=[cur_slots[member_of(
-                tuple(cur_slots), t)] for t in range(k)]))
+            current_eval = agreement(rubric, heldout, score(
+                slots=[cur_slots[member_of(len(cur_slots), t)] for t in range(k)]))
         else:
             current_eval = agreement(rubric, heldout, score(slots=[None] * k))
     except BaseException:
@@ -194,7 +194,7 @@ def train_members(
     inits = member_paths(init) if init is not None else ()
     for t in range(k):
         member_cfg = replace(cfg, seed=cfg.seed + t, template=t) if k > 1 else cfg
-        start = inits[member_of(inits, t)] if inits else None
+        start = inits[member_of(len(inits), t)] if inits else None
         report = (lambda u, t=t: progress({**u, "member": t + 1, "members": k})) if progress and k > 1 else progress
         peft_model, member_stats = train_adapter(
             model, base.tokenizer, rubric, train, member_cfg, base.device, init_adapter=start, progress=report)
