@@ -14,9 +14,8 @@ from typing import Any
 
 from backend.payloads import INT64
 from model.judge import Judge, JudgeConfig
-from model.results import to_ls_result
+from model.results import DimensionScore, to_ls_result
 from model.rubric import Rubric
-from model.scorer import DimensionScore
 from model.serving import TaskPrediction
 from slm_annotator.costs import Prices, judge_spend
 from slm_annotator.settings import ROUTES, Settings

@@ -41,9 +41,8 @@ from bench_predict import machine_info, strip_headers, synthetic_dir  # noqa: E4
 
 from model.devdata import load_usr_personachat  # noqa: E402
 from model.loader import pick_device  # noqa: E402
-from model.results import to_ls_result  # noqa: E402
+from model.results import DimensionScore, to_ls_result  # noqa: E402
 from model.rubric import parse_label_config  # noqa: E402
-from model.scorer import DimensionScore  # noqa: E402
 
 log = logging.getLogger("bench_loop")
 

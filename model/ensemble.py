@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.scorer import DimensionScore, decode
+from model.results import DimensionScore
+from model.scorer import decode
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from model.rubric import Dimension, Rubric
-from model.scorer import DimensionScore
+
+
+@dataclass(frozen=True)
+class DimensionScore:
+    """One dimension's answer: the value, its index in the scale, the confidence and the full distribution."""
+
+    value: str
+    index: int
+    confidence: float
+    probs: tuple[float, ...]
 
 
 def _typed(dim: Dimension, value: str) -> Any:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from model.prompt import Encoded
+from model.results import DimensionScore
 
 
 def causal_lm_of(model: Any) -> Any:
@@ -74,14 +74,6 @@ def answer_logits(
             logits = torch.tanh(logits / cap) * cap
         out.append(logits.float())
     return out
-
-
-@dataclass(frozen=True)
-class DimensionScore:
-    value: str
-    index: int
-    confidence: float
-    probs: tuple[float, ...]
 
 
 class Scorer:
