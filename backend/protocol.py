@@ -119,7 +119,9 @@ def predict() -> Any:
     params = body.get("params") if isinstance(body.get("params"), dict) else {}
     extra = parse_extra_params(params.get("extra_params")) or (stored.extra_params if stored else {})
     rubric = _rubric(config, extra)
-    adapter, version = svc.adapter_for(pid)
+    served = svc.served_for(pid)
+    version = served.model_version
+    bar = svc.prefill_bar(stored.extra_params if stored else {})
     if not tasks:
         return jsonify(results=[], model_version=version)
     if not svc.predict_slots.acquire(timeout=0.05):
@@ -128,8 +130,8 @@ def predict() -> Any:
     policy = routing_policy(svc.settings, extra)
     started = time.perf_counter()
     try:  # the slot covers the judge calls too: a thread waiting on the judge must not take a webhook's place
-        preds = svc.model.predict(rubric, tasks, adapter, version, str(extra.get("decoding", "argmax")),
-                                  policy.members)
+        preds = svc.annotator.predict(rubric, tasks, served, bar, policy.members,
+                                      str(extra.get("decoding", "argmax")))
         routed = route_predictions(rubric, tasks, preds, policy, svc.judge(), svc.store if pid else None,
                                    pid or "", svc.settings, time.perf_counter() - started)
     except TaskDataError as exc:
@@ -242,7 +244,19 @@ def _store_annotation(svc: Services, body: dict[str, Any]) -> dict[str, Any]:
         metrics.LABELS_STORED.labels(pid).inc()
     state = svc.trigger.maybe_train(pid) if changed else "unchanged"
     metrics.TRAININGS_QUEUED.labels(state.split(":")[0]).inc()
-    return {"status": "stored" if changed else "unchanged", "training": state}
+    reply = {"status": "stored" if changed else "unchanged", "training": state}
+    if changed:
+        reply["head"] = _maybe_head(svc, pid)
+    return reply
+
+
+def _maybe_head(svc: Services, pid: str) -> str:
+    """The label is stored: a failure to queue its head only delays the head to the next label."""
+    try:
+        return svc.trigger.maybe_head(pid)
+    except Exception:
+        log.exception("could not queue the head of project %s", pid)
+        return "deferred: error"
 
 
 def _was_routed(svc: Services, pid: str, task_id: int | None) -> bool:
@@ -273,9 +287,12 @@ def versions(project: str) -> Any:
     svc = services()
     pid = project_id(project)
     served = svc.store.served_adapter(pid)
+    project = svc.store.project(pid)
+    plan = svc.served_for(pid).plan
     return jsonify(
         project=pid,
         served=served.model_version if served else base_version(svc.settings),
+        serving=plan.with_bar(svc.prefill_bar(project.extra_params if project else {})).summary() if plan else None,
         adapters=[
             {
                 "version": a.version,

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from backend.routing import judge_config
+from model.annotator import Annotator, Served, served_from_folder
 from model.judge import Judge
 from model.rubric import Rubric, parse_label_config
 from model.serving import AdapterRef, ModelServer
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
-from worker.policy import Trigger
+from worker.policy import Trigger, prefill_bar_for
 from worker.redis_conn import connect
 
 CONFIG_CACHE_SECONDS = 5.0
@@ -41,6 +42,7 @@ class Services:
     stopped: threading.Event = field(init=False, default_factory=threading.Event)
 
     def __post_init__(self) -> None:
+        self.annotator = Annotator(self.model, self.settings.head_encoder)
         self.predict_slots = threading.BoundedSemaphore(self.settings.predict_slots)
         self._configs: dict[str, tuple[str, float]] = {}
         self._judge_lock = threading.Lock()
@@ -70,10 +72,19 @@ class Services:
         self._configs[project_id] = (config, time.monotonic() + CONFIG_CACHE_SECONDS)
 
     def adapter_for(self, project_id: str) -> tuple[AdapterRef | None, str]:
-        served = self.store.served_adapter(project_id) if project_id else None
-        if served is None:
-            return None, base_version(self.settings)
-        return AdapterRef(served.model_version, Path(served.path)), served.model_version
+        served = self.served_for(project_id)
+        return served.adapter, served.model_version
+
+    def served_for(self, project_id: str) -> Served:
+        """The project's served version: its plan, head and adapter (the untrained base when none is served)."""
+        row = self.store.served_adapter(project_id) if project_id else None
+        if row is None:
+            return Served(base_version(self.settings))
+        return served_from_folder(row.model_version, Path(row.path), row.metrics)
+
+    def prefill_bar(self, extra: dict[str, Any] | None) -> float | None:
+        """The project's pre-fill bar (extra_params "prefill_min_alpha", "none" for no bar), else PREFILL_MIN_ALPHA."""
+        return prefill_bar_for(self.settings, extra)
 
 
 def build_services(settings: Settings, model: ModelServer | None = None, store: Store | None = None) -> Services:

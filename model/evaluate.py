@@ -51,3 +51,21 @@ def _active(model: Any, slot: str | None) -> Iterator[None]:
     else:
         model.set_adapter(slot)
         yield
+
+
+def member_probs(
+    model: Any, tokenizer: Any, device: torch.device, rubric: Rubric, examples: Sequence[Example],
+    batch_size: int = 8, max_tokens: int = 1024, slots: Sequence[str | None] = (AS_IS,),
+) -> list[Any]:
+    """Per dimension an (n, n_values) numpy array: the members' mean distribution, as a plan blends it."""
+    import numpy as np
+
+    runs = []
+    for t, slot in enumerate(slots):
+        builder = PromptBuilder(tokenizer, rubric, max_tokens, t)
+        encoded = [builder.encode(e.data) for e in examples]
+        with _active(model, slot):
+            runs.append(Scorer(model, tokenizer, device, batch_size).distributions(
+                encoded, [s.token_ids for s in builder.spaces]))
+    return [np.stack([np.mean([run[i][d].double().numpy() for run in runs], axis=0) for i in range(len(examples))])
+            if examples else np.zeros((0, len(dim.values))) for d, dim in enumerate(rubric.dimensions)]

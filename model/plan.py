@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,9 @@ class DimPlan:
 class Plan:
     dims: dict[str, DimPlan]
     bar: float | None = None  # the pre-fill bar it was made with
+    adapter_dir: str | None = None  # the sibling version folder whose adapter this plan reads (None: no adapter)
+    adapter_version: str | None = None  # that adapter's own model_version: it stays loaded across head refreshes
+    head: bool = False  # the version folder holds a head (head/)
 
     @property
     def sources(self) -> set[str]:
@@ -59,7 +62,12 @@ class Plan:
         return any(s in (scorer, "blend") for s in self.sources)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bar": self.bar, "dimensions": {k: d.to_dict() for k, d in self.dims.items()}}
+        return {"bar": self.bar, "dimensions": {k: d.to_dict() for k, d in self.dims.items()},
+                "adapter_dir": self.adapter_dir, "adapter_version": self.adapter_version, "head": self.head}
+
+    def summary(self) -> dict[str, Any]:
+        """What /versions and the report show: per dimension the source, its alpha and whether it is pre-filled."""
+        return {k: {"source": d.source, "alpha": d.alpha, "prefill": d.prefill} for k, d in self.dims.items()}
 
     def save(self, folder: Path) -> None:
         (folder / PLAN_FILE).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
@@ -70,12 +78,13 @@ class Plan:
         if not path.is_file():
             return None
         raw = json.loads(path.read_text())
-        return cls({k: DimPlan.from_dict(v) for k, v in raw["dimensions"].items()}, raw.get("bar"))
+        return cls({k: DimPlan.from_dict(v) for k, v in raw["dimensions"].items()}, raw.get("bar"),
+                   raw.get("adapter_dir"), raw.get("adapter_version"), bool(raw.get("head")))
 
     def with_bar(self, bar: float | None) -> Plan:
         """The same choices judged against another bar (a project may set its own)."""
-        return Plan({k: DimPlan(d.source, d.decision, d.alpha, clears(d.alpha, bar), d.alphas)
-                     for k, d in self.dims.items()}, bar)
+        dims = {k: DimPlan(d.source, d.decision, d.alpha, clears(d.alpha, bar), d.alphas) for k, d in self.dims.items()}
+        return replace(self, dims=dims, bar=bar)
 
 
 def clears(alpha: float | None, bar: float | None) -> bool:
@@ -100,7 +109,7 @@ def head_plan(head: Any, rubric: Rubric, bar: float | None) -> Plan:
     for dim in rubric.dimensions:
         h = head.dims[dim.key]
         dims[dim.key] = DimPlan("head", h.decision, h.cv_alpha, clears(h.cv_alpha, bar), {"head": h.cv_alpha})
-    return Plan(dims, bar)
+    return Plan(dims, bar, head=True)
 
 
 def choose(rubric: Rubric, heldout: Sequence[Example], train: Sequence[Example],

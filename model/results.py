@@ -43,7 +43,7 @@ def to_ls_result(rubric: Rubric, scores: Sequence[DimensionScore]) -> tuple[list
                 option_best[dim.control] = (p_yes, str(dim.option))
             item = items.setdefault(dim.control, _item(dim, "choices", {"choices": []}))
             item["_conf"].append(max(p_yes, 1 - p_yes))
-            if p_yes > 0.5:
+            if score.value == "yes":  # the decided answer (argmax: p_yes > 0.5; fitted cut points: their own)
                 item["value"]["choices"].append(dim.option)
             continue
         confidences.append(score.confidence)

@@ -256,8 +256,29 @@ class ModelServer:
         With members > 1 member t scores every task with prompt template t and its own trained adapter (or the
         served adapter, if it was trained as a single scorer); the members vote.
         """
-        base = self.ensure_loaded()
         members = max(1, members)
+        dists, tokens = self.distributions(rubric, tasks, adapter, members)
+        n = len(tasks)
+        out = []
+        for i in range(n):
+            runs = [dists[t * n + i] for t in range(members)]
+            if members == 1:
+                scores = [decode(dim.values, probs, decode_mode(dim.level, decoding))
+                          for dim, probs in zip(rubric.dimensions, runs[0], strict=True)]
+                result, score = to_ls_result(rubric, scores)
+                out.append(TaskPrediction(result, score, model_version, prompt_tokens=tokens[i]))
+                continue
+            votes = tuple(vote(dim.values, [run[d] for run in runs], decode_mode(dim.level, decoding))
+                          for d, dim in enumerate(rubric.dimensions))
+            result, score = to_ls_result(rubric, [v.score for v in votes])
+            out.append(TaskPrediction(result, score, model_version, votes, tokens[i]))
+        return out
+
+    def distributions(self, rubric: Rubric, tasks: Sequence[dict[str, Any]], adapter: AdapterRef | None,
+                      members: int = 1) -> tuple[list[Any], list[int]]:
+        """Per member and task (member-major), the SLM's per-dimension distributions; and each task's prompt
+        tokens over all members (what scoring it cost)."""
+        base = self.ensure_loaded()
         datas = [task.get("data") or {} for task in tasks]
         builder = self.builder(rubric)
         encoded = [e for t in range(members) for e in self.builder(rubric, t).encode_many(datas)]  # 4xx on bad data
@@ -280,21 +301,8 @@ class ModelServer:
             if not handed_off:
                 lock.release()
         n = len(tasks)
-        out = []
-        for i in range(n):
-            runs = [dists[t * n + i] for t in range(members)]
-            tokens = sum(len(encoded[t * n + i].input_ids) for t in range(members))
-            if members == 1:
-                scores = [decode(dim.values, probs, decode_mode(dim.level, decoding))
-                          for dim, probs in zip(rubric.dimensions, runs[0], strict=True)]
-                result, score = to_ls_result(rubric, scores)
-                out.append(TaskPrediction(result, score, model_version, prompt_tokens=tokens))
-                continue
-            votes = tuple(vote(dim.values, [run[d] for run in runs], decode_mode(dim.level, decoding))
-                          for d, dim in enumerate(rubric.dimensions))
-            result, score = to_ls_result(rubric, [v.score for v in votes])
-            out.append(TaskPrediction(result, score, model_version, votes, tokens))
-        return out
+        tokens = [sum(len(encoded[t * n + i].input_ids) for t in range(members)) for i in range(n)]
+        return dists, tokens
 
     def _score_members(self, adapter: AdapterRef | None, base: LoadedBase, encoded: Sequence[Encoded],
                        candidates: Any, members: int, n: int) -> list[Any]:

@@ -46,9 +46,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stale.unlink()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
     os.environ.setdefault("REDIS_URL", redis_url)
-    worker_proc = None
-    if args.with_worker:
-        worker_proc = subprocess.Popen([sys.executable, "-m", "slm_annotator.cli", "worker"], env=os.environ.copy())
+    workers: list[subprocess.Popen[bytes]] = []
+    if args.with_worker:  # adapter runs take minutes; heads take seconds and must not wait behind them
+        for queue in (["training", "heads"] if settings.head_every > 0 else ["training"]):
+            workers.append(subprocess.Popen([sys.executable, "-m", "slm_annotator.cli", "worker", "--queue", queue],
+                                            env=os.environ.copy()))
 
     class App(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -74,13 +76,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         App().run()
     finally:
-        if worker_proc is not None and worker_proc.poll() is None:
-            worker_proc.send_signal(signal.SIGTERM)  # warm shutdown: a running training job may finish
+        for proc in workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # warm shutdown: a running training job may finish
+        for proc in workers:
             try:
-                worker_proc.wait(timeout=60)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                worker_proc.kill()  # the job is retried by the next worker; nothing half-promoted is served
-                worker_proc.wait()
+                proc.kill()  # the job is retried by the next worker; nothing half-promoted is served
+                proc.wait()
     return 0
 
 
@@ -120,7 +124,10 @@ WORKER_TTL = 45  # an idle worker wakes from its blocking dequeue every WORKER_T
 WORKER_RESTART_S = 5.0
 
 
-def build_worker(settings: Settings, name: str | None = None) -> Any:
+WORKER_QUEUES = ("all", "heads", "training")  # worker.policy.QUEUES: what each name listens to
+
+
+def build_worker(settings: Settings, name: str | None = None, queues: str = "all") -> Any:
     """An RQ worker whose maintenance really runs every minute, idle or not.
 
     Maintenance (every 60 s; RQ's default is 10 minutes) retries a job whose worker was killed once its heartbeat
@@ -130,7 +137,7 @@ def build_worker(settings: Settings, name: str | None = None) -> Any:
     from redis.exceptions import RedisError
     from rq import Queue, Worker
 
-    from worker.policy import QUEUE_NAME
+    from worker.policy import QUEUES
     from worker.redis_conn import connect
 
     class BlipProofWorker(Worker):  # type: ignore[misc]
@@ -143,7 +150,7 @@ def build_worker(settings: Settings, name: str | None = None) -> Any:
                 self.log.warning("heartbeat missed (Redis unreachable: %s); the job goes on", exc)
 
     conn = connect(settings.redis_url, settings.model_dir)
-    return BlipProofWorker([Queue(QUEUE_NAME, connection=conn)], connection=conn, name=name,
+    return BlipProofWorker([Queue(q, connection=conn) for q in QUEUES[queues]], connection=conn, name=name,
                            maintenance_interval=60, worker_ttl=WORKER_TTL)
 
 
@@ -159,7 +166,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("slm_annotator.worker")
     while True:
-        worker = build_worker(settings, args.name)
+        worker = build_worker(settings, args.name, args.queue)
         try:
             worker.work(with_scheduler=True, burst=args.burst, logging_level=settings.log_level)
         except (RedisError, OSError) as exc:  # e.g. registering a new worker while Redis is still down
@@ -275,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     work = sub.add_parser("worker", help="run an RQ training worker (with scheduler) on REDIS_URL")
     work.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     work.add_argument("--name", default=None)
+    work.add_argument("--queue", choices=WORKER_QUEUES, default="all",
+                      help="training: adapter runs; heads: embedding heads (seconds); all: both, heads first")
     work.set_defaults(func=cmd_worker)
     train = sub.add_parser("train", help="train a project's adapter now (optionally importing labels first)")
     train.add_argument("--project", required=True)

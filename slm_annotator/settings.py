@@ -40,6 +40,17 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from exc
 
 
+def _env_bar(name: str, default: float) -> float | None:
+    """A bar in [-1, 1], or none/off: no bar (everything pre-filled, also by the untrained base)."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in {"none", "off"}:
+        return None
+    value = _env_float(name, default)
+    if not -1.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be an alpha between -1 and 1, or 'none', got {raw!r}")
+    return value
+
+
 def _env_bool(name: str, default: bool) -> bool:
     raw = _env(name, "1" if default else "0").strip().lower()
     if raw in {"1", "true", "yes", "on"}:
@@ -117,6 +128,9 @@ class Settings:
     hard_pool_size: int = 2000
     replay_ratio: float = 1.0
     forgetting_tolerance: float = 0.0
+    head_every: int = 10  # HEAD_EVERY: retrain the embedding head after this many new labels (0: no heads)
+    head_encoder: str = "all-MiniLM-L6-v2"  # HEAD_ENCODER: the frozen sentence encoder the heads read
+    prefill_min_alpha: float | None = 0.2  # PREFILL_MIN_ALPHA: held-out alpha a dimension needs to be pre-filled
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -228,4 +242,7 @@ def load_settings() -> Settings:
         hard_pool_size=max(1, _env_int("HARD_POOL_SIZE", 2000)),
         replay_ratio=_env_float("REPLAY_RATIO", 1.0),
         forgetting_tolerance=_env_float("FORGETTING_TOLERANCE", 0.0),
+        head_every=max(0, _env_int("HEAD_EVERY", 10)),
+        head_encoder=_env("HEAD_ENCODER", "all-MiniLM-L6-v2"),
+        prefill_min_alpha=_env_bar("PREFILL_MIN_ALPHA", 0.2),
     )

@@ -395,6 +395,11 @@ class Store:
             s.flush()
             return adapter
 
+    def head_labels(self, project_id: str) -> int:
+        """How many labels the project's newest embedding head was trained on (0: none yet)."""
+        found = [(a.metrics or {}).get("head", {}).get("labels", 0) for a in self.adapters(project_id)]
+        return max((int(n) for n in found if isinstance(n, int | float)), default=0)
+
     def served_adapter(self, project_id: str) -> AdapterVersion | None:
         with self.session() as s:
             return s.scalars(

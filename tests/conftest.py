@@ -11,6 +11,11 @@ import pytest
 
 from slm_annotator.settings import Settings, load_settings
 
+# The SLM-path tests run with the embedding heads off and no pre-fill bar (the product's defaults are HEAD_EVERY=10
+# and PREFILL_MIN_ALPHA=0.2), so they keep exercising the adapter; the tests of heads and the bar set them.
+os.environ.setdefault("HEAD_EVERY", "0")
+os.environ.setdefault("PREFILL_MIN_ALPHA", "none")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SLM_SHARED_DATA", REPO.parent / "shared" / "data"))
 FIXTURES = Path(__file__).parent / "fixtures"

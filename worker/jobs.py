@@ -96,6 +96,30 @@ def train_project(project_id: str, trigger: str = "threshold", continual: bool =
     return {"status": outcome.status, "detail": outcome.detail, "model_version": outcome.model_version}
 
 
+def train_head(project_id: str) -> dict[str, Any]:
+    """The fast first learner (worker.head_run): seconds on a CPU, recorded as a run like any training."""
+    from worker.head_run import run_head  # the head worker never imports the adapter trainer's torch paths
+
+    die_with_worker()
+    settings = load_settings()
+    store = Store(settings.database_url)
+    job = get_current_job()
+    run = store.start_run(project_id, job.id if job else "inline", "head")
+    try:
+        outcome = run_head(settings, store, project_id, run.id)
+    except RubricError as exc:
+        store.finish_run(run.id, "failed", advance_watermark=False, error=str(exc))
+        return {"status": "failed", "detail": str(exc)}
+    except Exception:
+        store.finish_run(run.id, "failed", advance_watermark=False, error=traceback.format_exc()[-4000:])
+        raise
+    store.finish_run(run.id, outcome.status, advance_watermark=False,
+                     error="" if outcome.status != "skipped" else outcome.detail, metrics=outcome.metrics or {},
+                     n_train=(outcome.metrics or {}).get("head", {}).get("tasks", 0))
+    log.info("project %s head %s: %s", project_id, outcome.status, outcome.detail)
+    return {"status": outcome.status, "detail": outcome.detail, "model_version": outcome.model_version}
+
+
 def _already_taken(settings: Settings, store: Store, project_id: str) -> bool:
     """A flusher's re-send of a request that a finished run already served (the flusher, here or in another
     backend process, read the flag just before that run cleared it). Explicit requests always run, and so does a

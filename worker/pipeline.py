@@ -20,16 +20,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from model.annotator import HEAD_DIR, served_from_folder
 from model.dataset import Example, StoredLabel, examples_from_labels, split_heldout
-from model.evaluate import agreement, predict_examples
+from model.evaluate import AS_IS, agreement, member_probs
+from model.heads import DEFAULT_ENCODER, Head, features, shared_encoder, train_head
 from model.loader import load_base
 from model.members import member_dir, member_of, member_paths
+from model.plan import DimPlan, Plan, choose
 from model.rubric import RubricError, parse_label_config
 from model.training import TrainConfig, TrainStats, config_dict, save_adapter, train_adapter
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
-from worker.policy import members_for
+from worker.policy import members_for, prefill_bar_for
 
 log = logging.getLogger(__name__)
 MIN_TASKS = 4
@@ -106,15 +109,14 @@ def run_training(
         if progress:
             progress({"phase": "evaluating"})
         model, new_slots = _load_members(model, tmp, "new")
-        score = functools.partial(predict_examples, model, base.tokenizer, base.device, rubric, heldout,
+        probs = functools.partial(member_probs, model, base.tokenizer, base.device, rubric, heldout,
                                   settings.predict_batch_size, cfg.max_tokens)
-        new_eval = agreement(rubric, heldout, score(slots=new_slots))
-        if served is not None:
-            model, cur_slots = _load_members(model, Path(served.path), "current")
-            current_eval = agreement(rubric, heldout, score(
-                slots=[cur_slots[member_of(len(cur_slots), t)] for t in range(k)]))
-        else:
-            current_eval = agreement(rubric, heldout, score(slots=[None] * k))
+        bar = prefill_bar_for(settings, extra)
+        new_probs = probs(slots=new_slots)
+        plan, head = choose_plan(settings, rubric, train, heldout, new_probs, bar)
+        new_eval = agreement(rubric, heldout, plan_values(rubric, plan, plan_inputs(plan, head, rubric, heldout,
+                                                                                    new_probs)))
+        current_eval = _current_eval(settings, store, project_id, rubric, heldout, model, probs, k, served)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -138,6 +140,12 @@ def run_training(
         "heldout_tasks": len(heldout), "config": config_dict(cfg), "continual": continual_info or None,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+    metrics["plan"] = plan.summary()
+    if head is not None:
+        head.save(tmp / HEAD_DIR)
+        metrics["head"] = {"labels": store.count_labels(project_id), "tasks": len(train),
+                           "encoder": settings.head_encoder}
+    replace(plan, adapter_dir=f"v{version}", adapter_version=model_version).save(tmp)
     target = _promote_dir(settings, project_id, version, tmp, model_version)
     store.add_adapter(AdapterVersion(
         project_id=project_id, version=version, model_version=model_version, path=str(target),
@@ -147,6 +155,73 @@ def run_training(
     store.mark_pool_used(project_id, [p.id for p in pool], run_id)
     detail = f"new {new_eval['score_kind']} {_fmt(new_eval['score'])} vs current {_fmt(current_eval['score'])}"
     return RunOutcome("promoted" if promote else "refused", detail, model_version, metrics)
+
+
+def choose_plan(settings: Settings, rubric: Any, train: list[Example], heldout: list[Example],
+                adapter_probs: list[Any], bar: float | None) -> tuple[Plan, Head | None]:
+    """Per dimension the head (trained here on the same training split), the adapter or their blend, by
+    held-out alpha; without heads (HEAD_EVERY=0) the adapter alone, with cut points fitted for it."""
+    if settings.head_every <= 0:
+        return choose(rubric, heldout, train, {"adapter": adapter_probs}, bar=bar), None
+    encoder = shared_encoder(settings.head_encoder)
+    x = features(encoder, rubric, [e.data for e in train + heldout])
+    head = train_head(rubric, train, x[: len(train)], settings.head_encoder, settings.seed)
+    head_probs = head.distributions(rubric, x[len(train):])
+    fixed = {"head": [head.dims[d.key].decision for d in rubric.dimensions]}
+    plan = choose(rubric, heldout, train, {"head": head_probs, "adapter": adapter_probs}, fixed, bar)
+    return replace(plan, head=True), head
+
+
+def plan_inputs(plan: Plan, head: Head | None, rubric: Any, examples: list[Example],
+                adapter_probs: list[Any] | None, encoder: str = DEFAULT_ENCODER) -> dict[str, list[Any]]:
+    """The distributions a plan reads for these examples: its head's and its adapter's."""
+    out: dict[str, list[Any]] = {}
+    if adapter_probs is not None:
+        out["adapter"] = adapter_probs
+    if head is not None and plan.needs("head"):
+        x = features(shared_encoder(head.encoder or encoder), rubric, [e.data for e in examples])
+        out["head"] = head.distributions(rubric, x)
+    return out
+
+
+def plan_values(rubric: Any, plan: Plan, inputs: dict[str, list[Any]]) -> list[list[str | None]]:
+    """What a plan answers per example and dimension: exactly what serving decides (model.annotator)."""
+    n = len(next(iter(inputs.values()))[0]) if inputs else 0
+    rows: list[list[str | None]] = [[] for _ in range(n)]
+    for d, dim in enumerate(rubric.dimensions):
+        step = plan.dims.get(dim.key)
+        parts = [inputs[s][d] for s in ("head", "adapter") if s in inputs and step is not None
+                 and step.source in (s, "blend")]
+        for i in range(n):
+            if not parts or step is None:
+                rows[i].append(None)
+                continue
+            probs = sum(p[i] for p in parts) / len(parts)
+            rows[i].append(dim.values[int(step.decision.decide(probs)[0])])
+    return rows
+
+
+def _current_eval(settings: Settings, store: Store, project_id: str, rubric: Any, heldout: list[Example],
+                  model: Any, probs: Any, k: int, served: Any) -> dict[str, Any]:
+    """The served version on the same held-out tasks, decided the way it is served."""
+    if served is None:
+        with model.disable_adapter():
+            return agreement(rubric, heldout, plan_values(rubric, _argmax_plan(rubric), {"adapter": probs(
+                slots=[AS_IS])}))
+    current = served_from_folder(served.model_version, Path(served.path), served.metrics)
+    plan = current.plan
+    assert plan is not None
+    adapter_probs = None
+    if current.adapter is not None and plan.needs("adapter"):
+        model, cur_slots = _load_members(model, current.adapter.path, "current")
+        adapter_probs = probs(slots=[cur_slots[member_of(len(cur_slots), t)] for t in range(k)])
+    head = Head.load(current.head_dir) if current.head_dir is not None else None
+    return agreement(rubric, heldout, plan_values(rubric, plan, plan_inputs(plan, head, rubric, heldout,
+                                                                            adapter_probs)))
+
+
+def _argmax_plan(rubric: Any) -> Plan:
+    return Plan({d.key: DimPlan("adapter") for d in rubric.dimensions})
 
 
 def continual_set(

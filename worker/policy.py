@@ -19,6 +19,8 @@ from slm_annotator.store import Store
 
 log = logging.getLogger(__name__)
 QUEUE_NAME = "slm-annotator"
+HEAD_QUEUE = "slm-annotator-heads"  # seconds-long head trainings: their own worker, never behind an adapter run
+QUEUES = {"training": (QUEUE_NAME,), "heads": (HEAD_QUEUE,), "all": (HEAD_QUEUE, QUEUE_NAME)}  # worker --queue
 ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 MAX_MEMBERS = 8  # ensemble members: each is a trained adapter and a forward pass per task
 ACTIVE_CACHE_SECONDS = 2.0  # a burst of webhooks while a job is queued or running skips the Redis round trips
@@ -26,6 +28,10 @@ ACTIVE_CACHE_SECONDS = 2.0  # a burst of webhooks while a job is queued or runni
 
 def job_id(project_id: str) -> str:
     return f"train-{project_id}"
+
+
+def head_job_id(project_id: str) -> str:
+    return f"head-{project_id}"
 
 
 def _positive_int(extra_params: dict[str, Any] | None, key: str, default: int) -> int:
@@ -44,6 +50,25 @@ def threshold_for(settings: Settings, extra_params: dict[str, Any] | None) -> in
 def members_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
     """k, the ensemble size (ENSEMBLE, extra_params "ensemble" per project): adapters trained, members voting."""
     return min(_positive_int(extra_params, "ensemble", settings.ensemble), MAX_MEMBERS)
+
+
+def head_every_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
+    """New labels between two head trainings (HEAD_EVERY, extra_params "head_every"); 0: no heads."""
+    if settings.head_every <= 0:
+        return 0
+    return _positive_int(extra_params, "head_every", settings.head_every)
+
+
+def prefill_bar_for(settings: Settings, extra_params: dict[str, Any] | None) -> float | None:
+    """The alpha a dimension needs to be pre-filled (extra_params "prefill_min_alpha", "none": no bar)."""
+    raw = (extra_params or {}).get("prefill_min_alpha", settings.prefill_min_alpha)
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in {"none", "off"}):
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return settings.prefill_min_alpha
+    return value if -1.0 <= value <= 1.0 else settings.prefill_min_alpha
 
 
 def pool_size_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
@@ -101,6 +126,26 @@ def enqueue_training(conn: Redis, settings: Settings, project_id: str, trigger: 
     return "already queued"
 
 
+def enqueue_head(conn: Redis, settings: Settings, project_id: str) -> str:
+    """Queues the project's head training once (seconds of CPU); one already queued absorbs the request."""
+    queue = Queue(HEAD_QUEUE, connection=conn)
+    jid = head_job_id(project_id)
+    for _ in range(3):
+        try:
+            queue.enqueue("worker.jobs.train_head", project_id, job_id=jid, unique=True, job_timeout=600,
+                          result_ttl=3600, failure_ttl=86400, description=f"train embedding head for {project_id}")
+            return "queued"
+        except DuplicateJobError:
+            try:
+                job = Job.fetch(jid, connection=conn)
+            except NoSuchJobError:
+                continue
+            if job.get_status(refresh=True) in ACTIVE:
+                return "already queued"
+            _free_job_id(conn, job)
+    return "already queued"
+
+
 def _free_job_id(conn: Redis, job: Job) -> None:
     """Deletes a finished job; RQ's delete trips over executions a killed worker left behind ("Execution ... not
     found in Redis"), and then only the job's key goes, which is all that unique=True looks at."""
@@ -126,6 +171,7 @@ class Trigger:
         self._lock = threading.Lock()
         self._conn: Redis | None = None
         self._active_until: dict[str, float] = {}
+        self._head_marks: dict[str, int] = {}  # labels counted when this process last queued a head
 
     def _connection(self) -> Redis:
         if self._conn is None:
@@ -159,6 +205,32 @@ class Trigger:
         except Exception:  # the label is stored: a queue problem must not fail its webhook; the flusher retries
             log.exception("could not queue training of project %s; it stays requested", project_id)
             return "deferred: queue error"
+        return state
+
+    def maybe_head(self, project_id: str) -> str:
+        """Queues a head training once HEAD_EVERY labels arrived since the last one (a label count, not a
+        watermark: heads retrain on everything in seconds, so a missed trigger only waits for the next label)."""
+        project = self.store.project(project_id)
+        every = head_every_for(self.settings, project.extra_params if project else {})
+        if every <= 0:
+            return "off"
+        count = self.store.count_labels(project_id)
+        last = self._head_marks.get(project_id)
+        if last is None:
+            last = self.store.head_labels(project_id)
+        if count - last < every:
+            return "below threshold"
+        if time.monotonic() < self._down_until:
+            return "deferred: redis unavailable"
+        try:
+            with self._lock:
+                state = enqueue_head(self._connection(), self.settings, project_id)
+        except (RedisError, OSError) as exc:
+            self._down_until = time.monotonic() + 2.0
+            self._conn = None
+            log.warning("redis unavailable, head of project %s waits for the next label: %s", project_id, exc)
+            return "deferred: redis unavailable"
+        self._head_marks[project_id] = count
         return state
 
     def flush_all(self) -> None:
