@@ -83,8 +83,14 @@ def setup() -> Any:
             _train_missing_members(svc, pid, extra)
         if config:
             svc.remember_config(pid, config)
-    _, version = svc.adapter_for(pid)
-    return jsonify(model_version=version)
+    served = svc.served_for(pid)
+    project = svc.store.project(pid) if pid else None
+    bar = svc.prefill_bar(project.extra_params if project else {})
+    plan = served.plan.with_bar(bar) if served.plan is not None else None
+    # Label Studio reads only model_version; the rest tells an operator (or a script) what is pre-filled.
+    return jsonify(model_version=served.model_version,
+                   prefilled=[k for k, d in plan.dims.items() if d.prefill] if plan else ([] if bar is not None
+                                                                                           else None))
 
 
 def _train_missing_members(svc: Services, pid: str, extra: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from worker.policy import Trigger, prefill_bar_for
 from worker.redis_conn import connect
 
 CONFIG_CACHE_SECONDS = 5.0
+SERVED_CACHE = 256  # versions whose plans a process keeps read
 
 
 def base_version(settings: Settings) -> str:
@@ -45,6 +46,7 @@ class Services:
         self.annotator = Annotator(self.model, self.settings.head_encoder)
         self.predict_slots = threading.BoundedSemaphore(self.settings.predict_slots)
         self._configs: dict[str, tuple[str, float]] = {}
+        self._served: dict[str, Served] = {}
         self._judge_lock = threading.Lock()
 
     def judge(self) -> Judge | None:
@@ -80,7 +82,13 @@ class Services:
         row = self.store.served_adapter(project_id) if project_id else None
         if row is None:
             return Served(base_version(self.settings))
-        return served_from_folder(row.model_version, Path(row.path), row.metrics)
+        hit = self._served.get(row.model_version)  # a promoted folder never changes: read its plan once
+        if hit is None:
+            hit = served_from_folder(row.model_version, Path(row.path), row.metrics)
+            self._served[row.model_version] = hit
+            while len(self._served) > SERVED_CACHE:
+                self._served.pop(next(iter(self._served)))
+        return hit
 
     def prefill_bar(self, extra: dict[str, Any] | None) -> float | None:
         """The project's pre-fill bar (extra_params "prefill_min_alpha", "none" for no bar), else PREFILL_MIN_ALPHA."""

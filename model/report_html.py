@@ -282,6 +282,7 @@ def render_project(report: dict[str, Any]) -> str:
         sections += agreement_sections(report["agreement"])
     elif report.get("agreement_reason"):
         sections.append(f"<h2>Agreement per dimension</h2><p class=\"na\">{esc(report['agreement_reason'])}</p>")
+    sections.append(_serving_table(p.get("serving")))
     sections += _adapter_sections(report.get("adapters") or [])
     if report.get("costs"):
         sections.append(_cost_table(report["costs"], report.get("hard_pool")))
@@ -289,6 +290,17 @@ def render_project(report: dict[str, Any]) -> str:
     sections.append('<p class="note">The same numbers as JSON: <a href="'
                     f'{esc(report.get("json_url", ""))}">{esc(report.get("json_url", ""))}</a></p>')
     return page(f"Project {p['id']}: agreement report", sections, meta)
+
+
+def _serving_table(plan: dict[str, Any] | None) -> str:
+    """Which scorer answers each dimension, its measured alpha, and whether Label Studio gets a pre-filled value."""
+    if not plan:
+        return ("<h2>What is served</h2><p class=\"na\">No trained version yet: nothing is pre-filled until the "
+                "first labels have been learnt.</p>")
+    rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(d.get('source'))}</td>{number_cell(d.get('alpha'))}"
+                   f"<td>{'yes' if d.get('prefill') else 'no: below the bar'}</td></tr>" for k, d in plan.items())
+    return ("<h2>What is served</h2><table><tr><th>dimension</th><th>answered by</th><th>measured α</th>"
+            f"<th>pre-filled</th></tr>{rows}</table>")
 
 
 def _adapter_sections(adapters: Sequence[dict[str, Any]]) -> list[str]:

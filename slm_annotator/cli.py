@@ -162,6 +162,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # Training yields the CPU to the request path when both share a machine (the one-command quickstart):
     # webhooks must stay well under Label Studio's 1 s timeout while a job trains.
     os.nice(10)
+    if args.queue in {"heads", "all"}:
+        # Imported once here, not in every job's forked work horse: a head is served seconds sooner. Only
+        # imports: no model runs before the fork (OpenMP thread pools do not survive one).
+        import sentence_transformers  # noqa: F401
+        import sklearn.linear_model  # noqa: F401
+
+        import worker.head_run
     from redis.exceptions import RedisError
 
     log = logging.getLogger("slm_annotator.worker")

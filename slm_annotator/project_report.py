@@ -24,7 +24,18 @@ def _iso(when: datetime | None) -> str | None:
 
 def adapter_entry(a: AdapterVersion) -> dict[str, Any]:
     """One adapter with the held-out agreement the training job measured for it (``worker.pipeline``)."""
-    new = (a.metrics or {}).get("new") or {}
+    metrics = a.metrics or {}
+    if metrics.get("kind") == "head":  # a head version: cross-validated alphas, no held-out gate metrics
+        return {"version": a.version, "model_version": a.model_version, "label": f"v{a.version}",
+                "status": a.status, "kind": "head", "created_at": _iso(a.created_at),
+                "promoted_at": _iso(a.promoted_at), "score": metrics.get("score"),
+                "score_kind": "cross-validated mean alpha vs consensus", "current_score": metrics.get("current_score"),
+                "replaced": metrics.get("current_version"), "mean_alpha": metrics.get("score"),
+                "train_tasks": (metrics.get("head") or {}).get("tasks"), "heldout_tasks": None,
+                "dimensions": {k: {"model_vs_consensus": d.get("alpha")}
+                               for k, d in (metrics.get("plan") or {}).items()},
+                "plan": metrics.get("plan")}
+    new = metrics.get("new") or {}
     dims = {
         key: {"model_vs_consensus": d.get("alpha_model_vs_consensus"), "model_as_rater": d.get("alpha_model_as_rater"),
               "accuracy": d.get("accuracy_vs_consensus"), "n_items": d.get("n_items"), "reason": d.get("reason")}
@@ -36,7 +47,8 @@ def adapter_entry(a: AdapterVersion) -> dict[str, Any]:
         "score_kind": new.get("score_kind"), "current_score": ((a.metrics or {}).get("current") or {}).get("score"),
         "replaced": (a.metrics or {}).get("current_version"), "mean_alpha": new.get("mean_alpha"),
         "train_tasks": ((a.metrics or {}).get("train") or {}).get("tasks"),
-        "heldout_tasks": (a.metrics or {}).get("heldout_tasks"), "dimensions": dims,
+        "heldout_tasks": (a.metrics or {}).get("heldout_tasks"), "dimensions": dims, "kind": "adapter",
+        "plan": metrics.get("plan"),
     }
 
 
@@ -76,6 +88,7 @@ def build_project_report(store: Store, project_id: str, base_version: str, n_boo
         "id": project_id, "served": served_version, "labels": store.count_labels(project_id),
         "tasks": len(ratings.items) if ratings else 0, "raters": len(ratings.raters) if ratings else 0,
         "pending": store.pending_changes(project_id),
+        "serving": (served.metrics or {}).get("plan") if served else None,  # per dimension: source, alpha, prefill
     }
     report["adapters"] = [adapter_entry(a) for a in store.adapters(project_id)]
     report["runs"] = [run_entry(r) for r in store.runs(project_id)]
