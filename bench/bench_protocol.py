@@ -136,8 +136,23 @@ def run_one(name: str, seed: int, n_train: int, n_test: int, env: dict[str, str]
             backend.stop()
 
 
+def wait_for_workers(backend: Any, n: int = 2, timeout: float = 300) -> float:
+    """A team labels into a backend that has been up for a while: its workers are registered before label 1."""
+    from redis import Redis
+    from rq import Worker
+
+    started = time.monotonic()
+    conn = Redis(unix_socket_path=str(backend.redis_socket()))
+    while time.monotonic() - started < timeout:
+        if len(Worker.all(connection=conn)) >= n:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise RuntimeError(f"{n} RQ workers did not register within {timeout:.0f} s")
+
+
 def _teach_and_ask(backend: Any, ds: Any, rubric: Any, events: list[dict[str, Any]], train_items: list[Any],
                    test_items: list[Any], name: str, seed: int) -> dict[str, Any]:
+    workers_up = wait_for_workers(backend)
     base = served_version(backend, ds.label_config)
     t20 = first = None
     started = time.perf_counter()
@@ -166,6 +181,8 @@ def _teach_and_ask(backend: Any, ds: Any, rubric: Any, events: list[dict[str, An
     return {"dataset": name, "seed": seed, "train_items": len(train_items), "labels": len(events),
             "test_items": len(test_items), "seconds_to_send": round(sent, 1),
             "first_model_seconds_after_20th_label": None if first is None else round(first, 1),
+            "workers_ready_seconds": round(workers_up, 1),
+            "head_job_seconds": [a["metrics"].get("wall_seconds") for a in versions["adapters"]],
             "serving": versions.get("serving"), "served": with_bar, "all_dimensions": without_bar,
             "majority": base_majority, "versions": len(versions["adapters"])}
 

@@ -201,3 +201,34 @@ def test_labels_by_webhook_get_a_head_served_then_the_adapter_run_chooses_per_di
         assert [a["model_version"] for a in again] == [outcome.model_version] * 2
         assert client.get("/versions/8").json["serving"]["sentiment"]["source"] == plan["sentiment"]["source"]
     app.extensions["slm"].close()
+
+
+def test_a_burst_that_arrives_during_a_head_round_gets_the_next_round(settings, monkeypatch) -> None:
+    """Webhooks during a running head job find it running; its next round learns what they brought, even if no
+    further label ever comes to trigger one."""
+    import worker.head_run
+    from slm_annotator.store import Store
+    from tests.toy import fill, toy_label
+    from worker.jobs import train_head
+
+    settings = replace(settings, head_every=10)
+    monkeypatch.setenv("HEAD_EVERY", "10")
+    store = Store(settings.database_url)
+    fill(store, "21", n_tasks=10)  # 20 labels
+    real = worker.head_run.run_head
+    calls = []
+
+    def run_and_label_meanwhile(*args, **kwargs):
+        outcome = real(*args, **kwargs)
+        if not calls:  # 12 labels arrive while the first round trains
+            for t in range(10, 16):
+                for r, rater in enumerate(["ann", "bob"]):
+                    store.upsert_label("21", toy_label(t, 500 + 2 * t + r, rater))
+        calls.append(outcome.metrics["head"]["labels"])
+        return outcome
+
+    monkeypatch.setattr(worker.head_run, "run_head", run_and_label_meanwhile)
+    result = train_head("21")
+    assert calls == [20, 32] and result["status"] == "promoted"
+    assert [a.metrics["head"]["labels"] for a in store.adapters("21")] == [20, 32]
+    assert store.served_adapter("21").version == 2

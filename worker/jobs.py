@@ -17,7 +17,7 @@ from model.rubric import RubricError
 from slm_annotator.settings import Settings, load_settings
 from slm_annotator.store import Store
 from worker.pipeline import run_training
-from worker.policy import due, pool_due
+from worker.policy import due, head_every_for, pool_due
 from worker.sync import SyncError, sync_project
 
 log = logging.getLogger(__name__)
@@ -96,28 +96,47 @@ def train_project(project_id: str, trigger: str = "threshold", continual: bool =
     return {"status": outcome.status, "detail": outcome.detail, "model_version": outcome.model_version}
 
 
-def train_head(project_id: str) -> dict[str, Any]:
-    """The fast first learner (worker.head_run): seconds on a CPU, recorded as a run like any training."""
-    from worker.head_run import run_head  # the head worker never imports the adapter trainer's torch paths
+MAX_HEAD_ROUNDS = 20  # labels that keep streaming in get a new head each round, a few seconds apart
 
+
+def train_head(project_id: str) -> dict[str, Any]:
+    """The fast first learner (worker.head_run): seconds on a CPU, each round recorded as a run. HEAD_EVERY
+    labels that arrived while a round trained get another round at once (webhooks meanwhile found this job
+    running), so a burst is learnt whole even when no further label comes to trigger a head."""
     die_with_worker()
     settings = load_settings()
     store = Store(settings.database_url)
     job = get_current_job()
-    run = store.start_run(project_id, job.id if job else "inline", "head")
+    result: dict[str, Any] = {}
+    project = store.project(project_id)
+    every = max(1, head_every_for(settings, project.extra_params if project else {}))
+    for _ in range(MAX_HEAD_ROUNDS):
+        result = _head_round(settings, store, project_id, job.id if job else "inline")
+        if result["status"] not in {"promoted", "refused"} or \
+                store.count_labels(project_id) - result["labels"] < every:
+            break
+    return result
+
+
+def _head_round(settings: Settings, store: Store, project_id: str, job_id: str) -> dict[str, Any]:
+    from worker.head_run import run_head  # the heads worker imports it up front; the training worker never
+
+    run = store.start_run(project_id, job_id, "head")
     try:
         outcome = run_head(settings, store, project_id, run.id)
     except RubricError as exc:
         store.finish_run(run.id, "failed", advance_watermark=False, error=str(exc))
-        return {"status": "failed", "detail": str(exc)}
+        return {"status": "failed", "detail": str(exc), "labels": 0}
     except Exception:
         store.finish_run(run.id, "failed", advance_watermark=False, error=traceback.format_exc()[-4000:])
         raise
+    head = (outcome.metrics or {}).get("head", {})
     store.finish_run(run.id, outcome.status, advance_watermark=False,
                      error="" if outcome.status != "skipped" else outcome.detail, metrics=outcome.metrics or {},
-                     n_train=(outcome.metrics or {}).get("head", {}).get("tasks", 0))
+                     n_train=head.get("tasks", 0))
     log.info("project %s head %s: %s", project_id, outcome.status, outcome.detail)
-    return {"status": outcome.status, "detail": outcome.detail, "model_version": outcome.model_version}
+    return {"status": outcome.status, "detail": outcome.detail, "model_version": outcome.model_version,
+            "labels": head.get("labels", 0)}
 
 
 def _already_taken(settings: Settings, store: Store, project_id: str) -> bool:

@@ -172,6 +172,7 @@ class Trigger:
         self._conn: Redis | None = None
         self._active_until: dict[str, float] = {}
         self._head_marks: dict[str, int] = {}  # labels counted when this process last queued a head
+        self._head_busy_until: dict[str, float] = {}
 
     def _connection(self) -> Redis:
         if self._conn is None:
@@ -220,6 +221,8 @@ class Trigger:
             last = self.store.head_labels(project_id)
         if count - last < every:
             return "below threshold"
+        if time.monotonic() < self._head_busy_until.get(project_id, 0.0):
+            return "already queued"
         if time.monotonic() < self._down_until:
             return "deferred: redis unavailable"
         try:
@@ -230,7 +233,10 @@ class Trigger:
             self._conn = None
             log.warning("redis unavailable, head of project %s waits for the next label: %s", project_id, exc)
             return "deferred: redis unavailable"
-        self._head_marks[project_id] = count
+        if state == "queued":
+            self._head_marks[project_id] = count
+        else:  # a head is running: it re-trains on what arrives meanwhile; ask again in a moment, not per label
+            self._head_busy_until[project_id] = time.monotonic() + ACTIVE_CACHE_SECONDS
         return state
 
     def flush_all(self) -> None:
