@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 from backend import metrics
 from backend.errors import ApiError
@@ -47,7 +47,10 @@ def _rubric(config: str, extra: Any) -> Rubric:
 @bp.get("/health")
 @bp.get("/")
 def health() -> Any:
+    """Open to all (Label Studio's liveness check); the model's details only for authenticated callers."""
     svc = services()
+    if not g.get("authenticated"):
+        return jsonify(status="UP", model_class="SLMAnnotator")
     return jsonify(
         status="UP",
         model_class="SLMAnnotator",
@@ -176,6 +179,9 @@ def webhook() -> Any:
     action = body.get("action")
     if not isinstance(action, str) or not action:
         raise ApiError(400, "missing 'action'")
+    if g.get("via") == "basic" and svc.settings.webhook_secret and action in LABEL_ACTIONS | {"ANNOTATIONS_DELETED"}:
+        # Basic auth is how Label Studio's ML API calls (START_TRAINING); labels come only with the secret
+        raise ApiError(401, "label events need the webhook secret (X-Webhook-Secret header), not Basic auth")
     metrics.WEBHOOKS.labels(action if action in KNOWN_ACTIONS else "OTHER").inc()
     if action in LABEL_ACTIONS:
         return jsonify(_store_annotation(svc, body))

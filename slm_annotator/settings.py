@@ -117,6 +117,7 @@ class Settings:
     hard_pool_size: int = 2000
     replay_ratio: float = 1.0
     forgetting_tolerance: float = 0.0
+    bind_host: str = "127.0.0.1"  # where `serve` listens (BIND_HOST, set from --host): not loopback needs auth
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -228,4 +229,5 @@ def load_settings() -> Settings:
         hard_pool_size=max(1, _env_int("HARD_POOL_SIZE", 2000)),
         replay_ratio=_env_float("REPLAY_RATIO", 1.0),
         forgetting_tolerance=_env_float("FORGETTING_TOLERANCE", 0.0),
+        bind_host=_env("BIND_HOST", "127.0.0.1"),
     )

@@ -1,0 +1,118 @@
+"""Regression tests for issue 17: what an attacker and an unlucky operator reproduced on 1ccfda7 now gets refused.
+
+Each test replays a reproduction of ../shared/reviews/security-2026-11-30.md against the Flask app.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import replace
+
+import pytest
+
+from backend.app import create_app
+from backend.auth import AuthConfigError
+
+CONFIG = """<View>
+  <Text name="text" value="$text"/>
+  <Choices name="sentiment" toName="text">
+    <Choice value="Positive"/><Choice value="Negative"/><Choice value="Neutral"/></Choices>
+</View>"""
+USER, PASSWORD, SECRET = "ls", "pässwörd-ß", "geheimnis-ß-2026"
+
+
+def basic(user: str | bytes = USER, password: str | bytes = PASSWORD) -> dict[str, str]:
+    raw = (user if isinstance(user, bytes) else user.encode()) + b":" + (
+        password if isinstance(password, bytes) else password.encode())
+    return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+def event(project: int, ann_id: int, value: str = "Positive", updated_at: str = "2026-01-01T10:00:00Z") -> dict:
+    return {"action": "ANNOTATION_CREATED", "project": {"id": project, "label_config": CONFIG},
+            "task": {"id": ann_id, "data": {"text": f"text {ann_id}"}},
+            "annotation": {"id": ann_id, "task": ann_id, "updated_at": updated_at, "result": [
+                {"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [value]}}]}}
+
+
+@pytest.fixture
+def secured(settings, embedded_redis_url):
+    app = create_app(replace(settings, redis_url=embedded_redis_url, webhook_secret=SECRET,
+                             basic_auth_user=USER, basic_auth_pass=PASSWORD))
+    app.testing = True
+    return app
+
+
+# ------------------------------------------------------------------------------------------ 1. the auth model
+@pytest.mark.parametrize("changes", [
+    {"webhook_secret": "whsecret123"},  # posture P1: the README's "Securing webhooks" step alone
+    {"bind_host": "0.0.0.0"},  # `serve --host 0.0.0.0` with nothing set
+    {"bind_host": "10.1.2.3", "basic_auth_user": "u"},  # half the credentials
+])
+def test_exposed_without_basic_auth_refuses_to_start(settings, changes) -> None:
+    with pytest.raises(AuthConfigError, match="BASIC_AUTH_USER") as info:
+        create_app(replace(settings, **changes))
+    assert "BASIC_AUTH_PASS" in str(info.value)
+
+
+def test_serve_refuses_to_start_exposed_without_credentials(settings, monkeypatch, capsys) -> None:
+    import argparse
+
+    from slm_annotator.cli import cmd_serve
+
+    monkeypatch.setenv("WEBHOOK_SECRET", "whsecret123")
+    monkeypatch.setenv("BIND_HOST", "127.0.0.1")  # cmd_serve sets it from --host; restored after the test
+    args = argparse.Namespace(host="127.0.0.1", port=1, with_worker=False)
+    assert cmd_serve(args) == 2
+    assert "BASIC_AUTH_USER and BASIC_AUTH_PASS" in capsys.readouterr().err
+
+
+def test_loopback_without_secret_stays_open(settings, embedded_redis_url) -> None:
+    client = create_app(replace(settings, redis_url=embedded_redis_url, bind_host="::1")).test_client()
+    assert client.post("/setup", json={"project": "5", "schema": CONFIG}).status_code == 200
+
+
+def test_every_project_endpoint_needs_basic_auth_health_stays_open(secured) -> None:
+    client = secured.test_client()
+    assert client.post("/setup", json={"project": "7", "schema": CONFIG}, headers=basic()).status_code == 200
+    anonymous = [("POST", "/setup", {"project": "7", "hostname": "http://attacker"}),
+                 ("POST", "/predict", {"project": "7", "tasks": [{"id": 1, "data": {"text": "x"}}]}),
+                 ("GET", "/versions/7", None), ("GET", "/report/7", None), ("GET", "/report/7.json", None),
+                 ("GET", "/metrics", None), ("GET", "/nothing-here", None)]
+    for method, path, body in anonymous:
+        reply = client.open(path, method=method, json=body)
+        assert reply.status_code == 401, (path, reply.status_code)
+    for path in ("/health", "/"):
+        reply = client.get(path)
+        assert reply.status_code == 200 and reply.json == {"status": "UP", "model_class": "SLMAnnotator"}
+    full = client.get("/health", headers=basic()).json
+    assert full["status"] == "UP" and "base_model" in full and "model_status" in full
+    assert client.get("/versions/7", headers=basic()).status_code == 200
+
+
+def test_webhooks_need_the_secret_start_training_takes_basic_auth(secured) -> None:
+    client = secured.test_client()
+    store = secured.extensions["slm"].store
+    for headers in ({}, basic(), {"X-Webhook-Secret": "guess"}):
+        assert client.post("/webhook", json=event(61, 1), headers=headers).status_code == 401
+    assert store.labels("61", include_inactive=True) == []
+    delete = {"action": "ANNOTATIONS_DELETED", "project": 61, "annotations": [{"id": 1}]}
+    assert client.post("/webhook", json=delete, headers=basic()).status_code == 401
+    reply = client.post("/webhook", json=event(61, 1), headers={"X-Webhook-Secret": SECRET})
+    assert reply.status_code == 200 and reply.json["status"] == "stored"
+    # Label Studio's "Start Training" goes through its ML API: Basic auth, no secret header
+    reply = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 61}}, headers=basic())
+    assert reply.status_code == 200 and "training" in reply.json
+    assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 61}}).status_code == 401
+
+
+def test_non_ascii_credentials_work_and_never_give_a_500(secured) -> None:
+    client = secured.test_client()
+    assert client.get("/versions/7", headers=basic()).status_code == 200  # a non-ASCII BASIC_AUTH_PASS
+    reply = client.post("/webhook", json=event(62, 1), headers={"X-Webhook-Secret": SECRET.encode().decode("latin-1")})
+    assert reply.status_code == 200  # a non-ASCII WEBHOOK_SECRET, sent as UTF-8 bytes on the wire
+    hostile = [basic("ä", "x"), basic(b"\xe4\xff", b"\x00"), {"Authorization": "Basic ä"},
+               {"Authorization": "Basic !!!"}, {"Authorization": "Basic " + base64.b64encode(b"nocolon").decode()}]
+    for headers in hostile:
+        assert client.get("/versions/7", headers=headers).status_code == 401
+    for value in ("\xe4", "ä" * 40, SECRET[:-1]):
+        assert client.post("/webhook", json=event(62, 2), headers={"X-Webhook-Secret": value}).status_code == 401
