@@ -7,6 +7,7 @@ import math
 import re
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Request
 
@@ -80,6 +81,24 @@ def clean_text(value: str, limit: int | None = None) -> str:
     """For text columns: PostgreSQL refuses NUL characters in text."""
     value = value.replace("\x00", "")
     return value[:limit] if limit else value
+
+
+def label_studio_url(raw: str) -> str:
+    """A Label Studio base URL: http(s), a host, maybe a path prefix; no credentials, query or fragment, which
+    would let the sender choose the path that sync's requests (with the API key) go to."""
+    text = clean_text(raw).strip().rstrip("/")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise ApiError(400, f"'hostname' {raw[:80]!r} is not a URL") from None
+    if len(text) > 512 or parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ApiError(400, f"'hostname' {raw[:80]!r} must be an http(s) URL of Label Studio (at most 512 characters)")
+    if parts.username or parts.password or parts.query or parts.fragment or "?" in text or "#" in text \
+            or any(c in text for c in "\r\n\t "):
+        raise ApiError(400, f"'hostname' {raw[:80]!r} must be Label Studio's base URL, without credentials, "
+                            "query or fragment")
+    return text
 
 
 def project_id(raw: Any, required: bool = True) -> str:

@@ -12,7 +12,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from backend import metrics
 from backend.errors import ApiError
-from backend.payloads import INT64, clean_text, int64, json_body, label_from, project_id
+from backend.payloads import INT64, clean_text, int64, json_body, label_from, label_studio_url, project_id
 from backend.routing import Routed, route_predictions, routing_policy
 from backend.services import Services, base_version, cached_rubric
 from model.prompt import TaskDataError
@@ -69,18 +69,18 @@ def setup() -> Any:
     config = body.get("schema") or body.get("label_config") or ""
     if not isinstance(config, str):
         raise ApiError(400, "'schema' must be the label config XML as a string")
-    extra = parse_extra_params(body.get("extra_params"))
+    project = svc.store.project(pid) if pid else None
+    # Label Studio always sends its extra_params (its whole current set): those replace the stored ones. A call
+    # without the key (a script, an attacker) keeps them: it must not wipe a project's settings.
+    sent_extra = "extra_params" in body
+    extra = parse_extra_params(body.get("extra_params")) if sent_extra else (project.extra_params if project else {})
     if config:
         _rubric(config, extra)
     if pid:
-        fields: dict[str, Any] = {"extra_params": extra}
+        fields: dict[str, Any] = {"extra_params": extra} if sent_extra or project is None else {}
         if config:
             fields["label_config"] = config
-        if isinstance(body.get("hostname"), str) and body["hostname"]:
-            fields["hostname"] = clean_text(body["hostname"][:600], 512)
-        if isinstance(body.get("access_token"), str) and body["access_token"]:
-            fields["access_token"] = clean_text(body["access_token"])
-        project = svc.store.project(pid)
+        fields.update(_label_studio_fields(svc, pid, body, project))
         if project is None or any(getattr(project, k) != v for k, v in fields.items()):
             svc.store.upsert_project(pid, **fields)
             _train_missing_members(svc, pid, extra)
@@ -88,6 +88,27 @@ def setup() -> Any:
             svc.remember_config(pid, config)
     _, version = svc.adapter_for(pid)
     return jsonify(model_version=version)
+
+
+def _label_studio_fields(svc: Services, pid: str, body: dict[str, Any], project: Any) -> dict[str, Any]:
+    """Where sync sends the project's credentials. LABEL_STUDIO_URL pins it for every project; without it the
+    first hostname stored is kept, and only an authenticated /setup (Basic auth) may move it: an unauthenticated
+    one re-pointed a project at an attacker, who then received the Label Studio API key (issue 17)."""
+    fields: dict[str, Any] = {}
+    token = body.get("access_token")
+    if isinstance(token, str) and token:
+        fields["access_token"] = clean_text(token)  # only ever sent to the pinned address
+    hostname = body.get("hostname")
+    if svc.settings.label_studio_url or not isinstance(hostname, str) or not hostname:
+        return fields
+    url = label_studio_url(hostname)
+    stored = project.hostname if project is not None else ""
+    if stored and url != stored and g.get("via") != "basic":
+        log.warning("project %s: /setup asked to move Label Studio from %s to %s without Basic auth; kept",
+                    pid, stored, url)
+        return fields
+    fields["hostname"] = url
+    return fields
 
 
 def _train_missing_members(svc: Services, pid: str, extra: dict[str, Any]) -> None:

@@ -116,3 +116,63 @@ def test_non_ascii_credentials_work_and_never_give_a_500(secured) -> None:
         assert client.get("/versions/7", headers=headers).status_code == 401
     for value in ("\xe4", "ä" * 40, SECRET[:-1]):
         assert client.post("/webhook", json=event(62, 2), headers={"X-Webhook-Secret": value}).status_code == 401
+
+
+# ---------------------------------------------------------------------------- 2. the Label Studio address
+@pytest.fixture
+def open_client(settings, embedded_redis_url):
+    """Posture P0: loopback, nothing configured (everything open): the address must still stay pinned."""
+    app = create_app(replace(settings, redis_url=embedded_redis_url))
+    return app, app.test_client()
+
+
+def ls_setup(client, project: str = "7.1700000000", **extra_fields) -> None:
+    headers = extra_fields.pop("headers", {})
+    body = {"project": project, "schema": CONFIG, "hostname": "http://127.0.0.1:9399", "access_token": "ls-token",
+            "extra_params": {"train_threshold": 100, "instructions": "be kind"}, **extra_fields}
+    reply = client.post("/setup", json=body, headers=headers)
+    assert reply.status_code == 200, reply.json
+
+
+def test_setup_cannot_re_point_a_project_nor_wipe_its_extra_params(open_client) -> None:
+    from worker.sync import client_for
+
+    app, client = open_client
+    svc = app.extensions["slm"]
+    ls_setup(client)
+    for hostname in ("http://attacker:9350", "http://127.0.0.1:9350/internal/admin/action?x="):
+        reply = client.post("/setup", json={"project": "7", "hostname": hostname})
+        assert reply.status_code in (200, 400), reply.json
+    project = svc.store.project("7")
+    assert project.hostname == "http://127.0.0.1:9399"
+    assert project.extra_params == {"train_threshold": 100, "instructions": "be kind"}
+    assert client_for(svc.settings, svc.store, "7").url == "http://127.0.0.1:9399"
+
+
+@pytest.mark.parametrize("hostname", ["http://x:1/a?x=", "ftp://ls", "http://user:pw@ls", "http://ls#f", "ls:8080",
+                                      "http://ls:99999", "javascript:alert(1)"])
+def test_setup_refuses_a_hostname_that_is_not_a_base_url(open_client, hostname) -> None:
+    _, client = open_client
+    reply = client.post("/setup", json={"project": "8", "schema": CONFIG, "hostname": hostname})
+    assert reply.status_code == 400 and "'hostname'" in reply.json["error"]
+
+
+def test_label_studio_url_pins_every_project(settings, embedded_redis_url) -> None:
+    from worker.sync import client_for
+
+    app = create_app(replace(settings, redis_url=embedded_redis_url, label_studio_url="http://label-studio:8080"))
+    client = app.test_client()
+    ls_setup(client, hostname="http://attacker:9350")
+    svc = app.extensions["slm"]
+    assert svc.store.project("7").hostname == ""  # never stored, never used
+    assert client_for(svc.settings, svc.store, "7").url == "http://label-studio:8080"
+
+
+def test_an_authenticated_setup_may_move_label_studio(secured) -> None:
+    client = secured.test_client()
+    ls_setup(client, headers=basic())
+    ls_setup(client, hostname="https://ls.example.org/labelstudio", headers=basic())
+    assert secured.extensions["slm"].store.project("7").hostname == "https://ls.example.org/labelstudio"
+    # Label Studio sends its whole extra_params every time: an empty set clears them
+    ls_setup(client, extra_params="", headers=basic())
+    assert secured.extensions["slm"].store.project("7").extra_params == {}

@@ -9,7 +9,8 @@ from typing import Any
 
 import requests
 
-from backend.payloads import annotator_of, parse_time
+from backend.errors import ApiError
+from backend.payloads import annotator_of, label_studio_url, parse_time
 from model.results import values_from_result
 from model.rubric import RubricError, parse_label_config
 from slm_annotator.settings import Settings
@@ -61,6 +62,11 @@ class LabelStudioClient:
 def client_for(settings: Settings, store: Store, project_id: str) -> LabelStudioClient:
     project = store.project(project_id)
     url = settings.label_studio_url or (project.hostname.rstrip("/") if project else "")
+    if url and not settings.label_studio_url:
+        try:  # stored before /setup checked it: a query or credentials in it would pick what sync requests
+            url = label_studio_url(url)
+        except ApiError as exc:
+            raise SyncError(f"stored Label Studio address refused ({exc.message}); set LABEL_STUDIO_URL") from None
     token = settings.label_studio_api_key or (project.access_token if project else "")
     if not url or not token:
         raise SyncError(
