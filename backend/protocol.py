@@ -19,6 +19,7 @@ from model.prompt import TaskDataError
 from model.results import values_from_result
 from model.rubric import Rubric, RubricError, parse_extra_params
 from model.serving import ModelUnavailable
+from slm_annotator.project_settings import ProjectSettings, ProjectSettingsError, request_overrides
 from worker.policy import members_for
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def setup() -> Any:
     # Label Studio always sends its extra_params (its whole current set): those replace the stored ones. A call
     # without the key (a script, an attacker) keeps them: it must not wipe a project's settings.
     sent_extra = "extra_params" in body
-    extra = parse_extra_params(body.get("extra_params")) if sent_extra else (project.extra_params if project else {})
+    extra = _validated(body.get("extra_params")) if sent_extra else (project.extra_params if project else {})
     if config:
         _rubric(config, extra)
     if pid:
@@ -111,6 +112,14 @@ def _label_studio_fields(svc: Services, pid: str, body: dict[str, Any], project:
     return fields
 
 
+def _validated(raw: Any) -> dict[str, Any]:
+    """extra_params checked once, here, with bounds: a bad key is a 400 now, not a failed training hours later."""
+    try:
+        return ProjectSettings.parse(raw).to_extra()
+    except ProjectSettingsError as exc:
+        raise ApiError(400, str(exc)) from exc
+
+
 def _train_missing_members(svc: Services, pid: str, extra: dict[str, Any]) -> None:
     """A project that now asks for more ensemble members than its served adapter has gets them trained now,
     not at the next threshold; until then its one adapter is read through k templates."""
@@ -141,7 +150,10 @@ def predict() -> Any:
     if not config or not isinstance(config, str):
         raise ApiError(400, "no label config: send 'label_config' or call /setup for this project first")
     params = body.get("params") if isinstance(body.get("params"), dict) else {}
-    extra = parse_extra_params(params.get("extra_params")) or (stored.extra_params if stored else {})
+    try:  # a request may change the prompt's wording, never what it costs (ensemble, routing, the judge)
+        extra = {**(stored.extra_params if stored else {}), **request_overrides(params.get("extra_params"))}
+    except ProjectSettingsError as exc:
+        raise ApiError(400, f"params.{exc}") from exc
     rubric = _rubric(config, extra)
     adapter, version = svc.adapter_for(pid)
     if not tasks:

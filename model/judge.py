@@ -30,6 +30,7 @@ class JudgeConfig:
     retries: int = 2
     concurrency: int = 4
     max_tokens: int = 256
+    max_prompt_chars: int = 16_384  # the task texts, cut fairly like the model's prompts (MAX_PROMPT_TOKENS x 4)
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,22 @@ def answer_schema(rubric: Rubric) -> dict[str, Any]:
             "additionalProperties": False}
 
 
-def judge_messages(rubric: Rubric, data: dict[str, Any]) -> list[dict[str, str]]:
-    texts = "\n\n".join(f"### {o.name}\n{object_text(o, data)}" for o in rubric.objects)
+def cut_texts(texts: list[str], budget: int) -> list[str]:
+    """Water-fills a character budget over the texts, so one long field cannot crowd out the others (the model's
+    prompts do the same in tokens); a cut text ends in " [...]"."""
+    if sum(len(t) for t in texts) <= budget:
+        return texts
+    limits, remaining = [0] * len(texts), max(budget, 0)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for n, i in enumerate(order):
+        limits[i] = min(len(texts[i]), remaining // (len(order) - n))
+        remaining -= limits[i]
+    return [t if limits[i] >= len(t) else t[: limits[i]] + " [...]" for i, t in enumerate(texts)]
+
+
+def judge_messages(rubric: Rubric, data: dict[str, Any], max_chars: int = 16_384) -> list[dict[str, str]]:
+    cut = cut_texts([object_text(o, data) for o in rubric.objects], max_chars)
+    texts = "\n\n".join(f"### {o.name}\n{t}" for o, t in zip(rubric.objects, cut, strict=True))
     criteria = []
     for d in rubric.dimensions:
         desc = f" {d.description.strip()}" if d.description.strip() else ""
@@ -98,7 +113,7 @@ class Judge:
         started = time.perf_counter()
         try:
             response = self.client.chat.completions.create(
-                model=self.cfg.model, messages=judge_messages(rubric, data), temperature=0,  # type: ignore[arg-type]
+                model=self.cfg.model, messages=judge_messages(rubric, data, self.cfg.max_prompt_chars), temperature=0,  # type: ignore[arg-type]
                 max_tokens=self.cfg.max_tokens,
                 response_format={"type": "json_schema", "json_schema": {  # type: ignore[typeddict-item]
                     "name": "annotation", "strict": True, "schema": answer_schema(rubric)}},

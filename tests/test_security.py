@@ -176,3 +176,78 @@ def test_an_authenticated_setup_may_move_label_studio(secured) -> None:
     # Label Studio sends its whole extra_params every time: an empty set clears them
     ls_setup(client, extra_params="", headers=basic())
     assert secured.extensions["slm"].store.project("7").extra_params == {}
+
+
+# ---------------------------------------------------------------------- 3. per-project settings, bounded
+@pytest.mark.parametrize(("extra", "key"), [
+    ({"ensemble": 9}, "ensemble"),
+    ({"training": {"epochs": 1000000}}, "training.epochs"),
+    ({"training": {"batch_size": 0}}, "training.batch_size"),
+    ({"training": {"lr": 1e9}}, "training.lr"),
+    ({"training": {"max_tokens": 1000000}}, "training.max_tokens"),
+    ({"training": {"epoch": 4}}, "training.epoch"),  # a typo: rejected, naming it
+    ({"epochs": 4}, "epochs"),  # at the wrong level
+    ({"train_threshold": 1}, "train_threshold"),
+    ({"route": "everything"}, "route"),
+    ({"route_epsilon": -1}, "route_epsilon"),
+    ({"training": {"epochs": "many"}}, "training.epochs"),
+    ({"training": "fast"}, "training"),
+    ({"instructions": "x" * 100_000}, "instructions"),
+    ({"rubric": {"sentiment": 5}}, "rubric.sentiment"),
+    ({"prefill_min_alpha": 2}, "prefill_min_alpha"),
+    ({"head_every": 0}, "head_every"),
+    ("{not json", "extra_params"),
+])
+def test_setup_rejects_bad_extra_params_naming_the_key(open_client, extra, key) -> None:
+    app, client = open_client
+    reply = client.post("/setup", json={"project": "9", "schema": CONFIG, "extra_params": extra})
+    assert reply.status_code == 400 and repr(key) in reply.json["error"], reply.json
+    assert app.extensions["slm"].store.project("9") is None  # nothing stored, no training started
+
+
+def test_setup_coerces_numbers_sent_as_text_and_the_training_uses_them(open_client, settings) -> None:
+    from worker.pipeline import train_config
+    from worker.policy import members_for, threshold_for
+
+    app, client = open_client
+    extra = {"ensemble": "2", "train_threshold": "40", "training": {"epochs": "4", "lr": "0.001", "augment": "false"}}
+    assert client.post("/setup", json={"project": "9", "schema": CONFIG, "extra_params": extra}).status_code == 200
+    stored = app.extensions["slm"].store.project("9").extra_params
+    assert stored == {"ensemble": 2, "train_threshold": 40, "training": {"epochs": 4, "lr": 0.001, "augment": False}}
+    cfg = train_config(settings, stored)
+    assert (cfg.epochs, cfg.lr, cfg.augment, cfg.batch_size) == (4, 0.001, False, settings.train_batch_size)
+    assert (members_for(settings, stored), threshold_for(settings, stored)) == (2, 40)
+
+
+def test_rows_stored_before_validation_are_read_within_bounds(settings) -> None:
+    from backend.routing import routing_policy
+    from worker.pipeline import train_config
+    from worker.policy import threshold_for
+
+    legacy = {"ensemble": 8, "train_threshold": 1, "route_epsilon": -1, "training": {"epochs": 1000000, "lr": 1e9,
+                                                                                       "batch_size": 1, "bogus": 1}}
+    cfg = train_config(settings, legacy)
+    assert (cfg.epochs, cfg.lr, cfg.batch_size) == (50, 1e-2, 1)
+    assert threshold_for(settings, legacy) == 10
+    assert routing_policy(settings, legacy).epsilon == 0.0
+
+
+@pytest.mark.parametrize("override", [{"ensemble": 8}, {"route": "judge"}, {"route_epsilon": 0}, '{"ensemble": 8}',
+                                      {"training": {"epochs": 1}}, {"train_threshold": 10}])
+def test_predict_cannot_override_cost_settings_per_request(open_client, override) -> None:
+    _, client = open_client
+    assert client.post("/setup", json={"project": "9", "schema": CONFIG}).status_code == 200
+    reply = client.post("/predict", json={"project": "9", "tasks": [{"id": 1, "data": {"text": "x"}}],
+                                          "params": {"extra_params": override}})
+    assert reply.status_code == 400 and "per request" in reply.json["error"], reply.json
+
+
+def test_judge_prompts_are_cut_like_model_prompts() -> None:
+    from model.judge import judge_messages
+    from model.rubric import parse_label_config
+
+    rubric = parse_label_config("""<View><Text name="a" value="$a"/><Text name="b" value="$b"/>
+      <Choices name="c" toName="a"><Choice value="x"/><Choice value="y"/></Choices></View>""")
+    user = judge_messages(rubric, {"a": "A" * 400_000, "b": "short b"}, max_chars=4096)[1]["content"]
+    assert len(user) < 4096 + 1000 and "short b" in user and "[...]" in user
+    assert 'Allowed: "x", "y"' in user  # the rubric is never what gets cut

@@ -14,13 +14,14 @@ from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 
+from slm_annotator import project_settings
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
 
 log = logging.getLogger(__name__)
 QUEUE_NAME = "slm-annotator"
 ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
-MAX_MEMBERS = 8  # ensemble members: each is a trained adapter and a forward pass per task
+MAX_MEMBERS = project_settings.MAX_MEMBERS  # ensemble members: each is a trained adapter and a forward pass per task
 ACTIVE_CACHE_SECONDS = 2.0  # a burst of webhooks while a job is queued or running skips the Redis round trips
 
 
@@ -28,27 +29,19 @@ def job_id(project_id: str) -> str:
     return f"train-{project_id}"
 
 
-def _positive_int(extra_params: dict[str, Any] | None, key: str, default: int) -> int:
-    """A project's override from Label Studio's extra params; a value that is not a number keeps the default."""
-    raw = (extra_params or {}).get(key)
-    try:
-        return max(1, int(raw)) if raw is not None else default
-    except (TypeError, ValueError):
-        return default
-
-
 def threshold_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
-    return _positive_int(extra_params, "train_threshold", settings.train_threshold)
+    value = project_settings.stored(extra_params).train_threshold
+    return settings.train_threshold if value is None else value
 
 
 def members_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
     """k, the ensemble size (ENSEMBLE, extra_params "ensemble" per project): adapters trained, members voting."""
-    return min(_positive_int(extra_params, "ensemble", settings.ensemble), MAX_MEMBERS)
+    return min(project_settings.stored(extra_params).ensemble or settings.ensemble, MAX_MEMBERS)
 
 
 def pool_size_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
     """beta: hard samples that start a continual fine-tuning run (extra_params "hard_pool_size" per project)."""
-    return _positive_int(extra_params, "hard_pool_size", settings.hard_pool_size)
+    return project_settings.stored(extra_params).hard_pool_size or settings.hard_pool_size
 
 
 def pool_due(settings: Settings, store: Store, project_id: str, project: Any = None) -> bool:
