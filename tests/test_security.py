@@ -251,3 +251,38 @@ def test_judge_prompts_are_cut_like_model_prompts() -> None:
     user = judge_messages(rubric, {"a": "A" * 400_000, "b": "short b"}, max_chars=4096)[1]["content"]
     assert len(user) < 4096 + 1000 and "short b" in user and "[...]" in user
     assert 'Allowed: "x", "y"' in user  # the rubric is never what gets cut
+
+
+# ------------------------------------------------------------------------------ 4. linear-time HyperText
+HTML = '<p>Hello&nbsp;<b>world</b> &amp; a<b</p><script>alert(1)</script><!-- note --><style>p{}</style>3 < 4 > 2'
+
+
+def test_hypertext_is_the_text_an_annotator_reads() -> None:
+    from model.prompt import _strip_html
+
+    assert " ".join(_strip_html(HTML).split()) == "Hello world & a<b 3 < 4 > 2"
+    assert _strip_html("plain &lt;text&gt;") == "plain <text>"
+    assert " ".join(_strip_html('<a href="x?a=1&amp;b=2" title=\'t\'>link</a><br/>end').split()) == "link end"
+
+
+@pytest.mark.parametrize("name", ["lt", "lt_a", "comments", "end_tags", "quotes"])
+def test_pathological_hypertext_of_a_megabyte_is_read_in_linear_time(name) -> None:
+    """The old `<[^>]+>` regex took minutes on each of these (one froze a gunicorn worker for 300 s); run in a
+    subprocess so a regression fails at the guard instead of hanging the suite (the regex never yields the GIL)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys; from model.prompt import _strip_html; "
+            "cases = {'lt': '<' * 1_000_000, 'lt_a': '<a' * 500_000, 'comments': '<!--' * 250_000, "
+            "'end_tags': '</' * 500_000, 'quotes': \"<a b='>\" * 150_000 + 'tail'}; "
+            f"out = _strip_html(cases[{name!r}]); print(len(out), out[-4:])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    length, tail = proc.stdout.split()
+    if name in {"lt", "lt_a", "end_tags"}:  # no tag ever closes: all of it is text
+        assert int(length) == 1_000_000 and tail in {"<<<<", "<a<a", "</</"}
+    elif name == "quotes":
+        assert tail == "tail"
