@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,6 +17,7 @@ from slm_annotator.store import LabelIn
 PROJECT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_JSON_DEPTH = 100  # Label Studio's payloads nest < 10 deep; deeper only exhausts the stack downstream
 INT64 = 2**63
+FUTURE_SKEW = timedelta(seconds=60)  # clocks of Label Studio and the backend may differ this much
 # A UTF-16 surrogate, escaped (\ud800) or as raw bytes (json.loads decodes bytes with surrogatepass).
 _SURROGATE_IN_RAW = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # paired ones are already decoded into one character
@@ -118,15 +119,21 @@ def project_id(raw: Any, required: bool = True) -> str:
 
 
 def parse_time(raw: Any) -> datetime | None:
+    """Label Studio's updated_at as naive UTC. One later than now + FUTURE_SKEW is now: labels are ordered by it,
+    and a forged label stamped 2099 would otherwise never be overwritten by the annotator's real one."""
     if not isinstance(raw, str) or not raw:
         return None
     try:
         stamp = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
     if stamp.tzinfo is not None:
-        stamp = stamp.astimezone(UTC).replace(tzinfo=None)
-    return stamp
+        try:
+            stamp = stamp.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:
+            return None
+    now = datetime.now(UTC).replace(tzinfo=None)
+    return now if stamp > now + FUTURE_SKEW else stamp
 
 
 def annotator_of(annotation: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from backend.errors import ApiError
 from backend.payloads import project_id
@@ -23,7 +23,7 @@ bp = Blueprint("report", __name__)
 CACHE_SECONDS = 30.0
 MAX_BOOT = 1000
 MAX_CACHED = 64
-_cache: dict[tuple[str, int | None], tuple[int, float, dict[str, Any]]] = {}
+_cache: dict[tuple[str, int | None, bool], tuple[int, float, dict[str, Any]]] = {}
 _lock = threading.Lock()
 
 
@@ -31,7 +31,7 @@ def _n_boot() -> int | None:
     raw = request.args.get("n_boot")
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) > MAX_BOOT:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 6 or int(raw) > MAX_BOOT:  # "²".isdigit() is True
         raise ApiError(400, f"n_boot must be an integer from 0 to {MAX_BOOT}")
     return int(raw)
 
@@ -43,12 +43,16 @@ def _report(project: str) -> dict[str, Any]:
     if stored is None:
         raise ApiError(404, f"unknown project {pid!r}: nothing is stored for it (connect it in Label Studio, "
                             "or import labels with `slm-annotator train --data`)")
-    key, seq = (pid, _n_boot()), stored.label_seq
+    # annotators' e-mails only to callers who sent Basic auth; anyone else (an open loopback backend too) sees
+    # "rater 1", "rater 2"...
+    hide = g.get("via") != "basic"
+    key, seq = (pid, _n_boot(), hide), stored.label_seq
     with _lock:
         hit = _cache.get(key)
     if hit and hit[0] == seq and time.monotonic() < hit[1]:
         return hit[2]
-    report = build_project_report(svc.store, pid, svc.settings.base_version, key[1], prices=Prices.of(svc.settings))
+    report = build_project_report(svc.store, pid, svc.settings.base_version, key[1], prices=Prices.of(svc.settings),
+                                  hide_raters=hide)
     report["json_url"] = f"/report/{pid}.json"
     with _lock:
         if len(_cache) >= MAX_CACHED:

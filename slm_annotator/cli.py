@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # MODEL_DIR holds the store (Label Studio tokens), adapters, Redis' data: files 0600, folders 0700
+    os.umask(os.umask(0o077) | 0o077)
     return int(args.func(args))
 
 

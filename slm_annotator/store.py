@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,11 +56,23 @@ class LabelIn:
     hard: bool = False
 
 
+def _private_file(path: Path) -> None:
+    """The SQLite store holds Label Studio tokens: its folder 0700 when created here, the file 0600 (SQLite gives
+    its -wal and -shm files the database file's mode). An existing file is tightened, never loosened."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    with contextlib.suppress(OSError):  # a file owned by someone else: theirs to fix
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            path.chmod(mode & 0o700)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if path and path != ":memory:" and "?" not in path and not path.startswith("file:"):
+            _private_file(Path(path))
         # hide_parameters: a database error's message (logged with its traceback) never carries label texts or
         # the Label Studio access token stored by /setup.
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)

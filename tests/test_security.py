@@ -286,3 +286,142 @@ def test_pathological_hypertext_of_a_megabyte_is_read_in_linear_time(name) -> No
         assert int(length) == 1_000_000 and tail in {"<<<<", "<a<a", "</</"}
     elif name == "quotes":
         assert tail == "tail"
+
+
+# ------------------------------------------------------------------------------------- 5. smaller ones
+def test_a_forged_future_label_is_overwritten_by_the_real_annotation(open_client) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    app, client = open_client
+    forged = client.post("/webhook", json=event(70, 43, "Negative", updated_at="2099-01-01T00:00:00Z"))
+    assert forged.json["status"] == "stored"
+    real_stamp = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()  # the annotator submits a moment later
+    real = client.post("/webhook", json=event(70, 43, "Positive", updated_at=real_stamp))
+    assert real.status_code == 200 and real.json["status"] == "stored", real.json
+    assert [a.values for a in app.extensions["slm"].store.labels("70")] == [{"sentiment": "Positive"}]
+
+
+NUMBER_CONFIG = """<View><Text name="text" value="$text"/>
+  <Choices name="sentiment" toName="text"><Choice value="Positive"/><Choice value="Negative"/></Choices>
+  <Number name="n" toName="text" min="0" max="10"/></View>"""
+
+
+def test_report_survives_a_stored_number_that_is_not_an_object_and_odd_n_boot(open_client) -> None:
+    _, client = open_client
+    assert client.post("/setup", json={"project": "71", "schema": NUMBER_CONFIG}).status_code == 200
+    for ann_id, value in ((1, "oops"), (2, ["x"]), (3, {"number": "7"}), (4, None)):
+        body = event(71, ann_id)
+        body["project"]["label_config"] = NUMBER_CONFIG
+        body["annotation"]["result"].append({"from_name": "n", "to_name": "text", "type": "number", "value": value})
+        assert client.post("/webhook", json=body).status_code == 200
+    assert client.get("/report/71.json").status_code == 200
+    assert client.get("/report/71").status_code == 200
+    for odd in ("²", "٣", "1" * 5000, "-1", "1e3"):
+        reply = client.get(f"/report/71.json?n_boot={odd}")
+        assert reply.status_code == 400 and "n_boot" in reply.json["error"], odd
+
+
+@pytest.mark.parametrize(("attrs", "named"), [
+    ('min="0" max="inf"', "max='inf'"), ('min="0" max="1e308"', "max='1e308'"),
+    ('min="0" max="10" step="1e-308"', "step"), ('min="nan" max="10"', "min='nan'"),
+    ('min="-1e300" max="1e300"', "min='-1e300'"),
+])
+def test_number_bounds_out_of_range_are_a_4xx_and_the_label_is_kept(open_client, attrs, named) -> None:
+    app, client = open_client
+    config = f'<View><Text name="text" value="$text"/><Number name="n" toName="text" {attrs}/></View>'
+    reply = client.post("/setup", json={"project": "72", "schema": config})
+    assert reply.status_code == 422 and named in reply.json["error"], reply.json
+    reply = client.post("/predict", json={"label_config": config, "tasks": [{"id": 1, "data": {"text": "x"}}]})
+    assert reply.status_code == 422 and named in reply.json["error"], reply.json
+    hook = {"action": "ANNOTATION_CREATED", "project": {"id": 72, "label_config": config},
+            "task": {"id": 1, "data": {"text": "x"}}, "annotation": {"id": 9, "task": 1, "result": [
+                {"from_name": "n", "to_name": "text", "type": "number", "value": {"number": 5}}]}}
+    reply = client.post("/webhook", json=hook)
+    assert reply.status_code == 200 and reply.json["status"] == "stored"  # salvaged: the raw result is kept
+    assert [a.result for a in app.extensions["slm"].store.labels("72")] == [hook["annotation"]["result"]]
+
+
+def test_requests_cannot_forge_log_lines(open_client, caplog) -> None:
+    import logging
+
+    _, client = open_client
+    caplog.set_level(logging.DEBUG)
+    forged = "2026-11-30 07:00:00,000 CRITICAL backend.app: FORGED"
+    assert client.get("/versions/x%0A" + forged.replace(" ", "%20")).status_code == 400
+    config = CONFIG.replace("</View>", '<TextArea name="a&#10;' + forged + '" toName="text"/></View>')
+    assert client.post("/setup", json={"project": "73", "schema": config}).status_code == 200
+    # gunicorn's access log line, with a Basic-auth user that holds a line break
+    logging.getLogger("gunicorn.access").info('%(u)s "%(r)s"', {"u": "x\r\n" + forged, "r": "GET /health"})
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("FORGED" in m for m in messages) >= 3
+    assert not [m for m in messages if "\n" in m or "\r" in m]
+
+
+def test_the_store_holding_tokens_is_private(tmp_path) -> None:
+    import os
+    import stat
+
+    from slm_annotator.store import Store
+
+    old = os.umask(0o022)
+    try:
+        folder = tmp_path / "model_dir"
+        store = Store(f"sqlite:///{folder}/labels.sqlite3")
+        store.upsert_project("1", access_token="ls-token")
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        for name in ("labels.sqlite3", "labels.sqlite3-wal"):
+            assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600, name
+        loose = tmp_path / "old.sqlite3"  # a store created world-readable before this fix is tightened
+        loose.touch(mode=0o644)
+        os.chmod(loose, 0o644)
+        Store(f"sqlite:///{loose}")
+        assert stat.S_IMODE(loose.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_the_cli_creates_private_files(settings, monkeypatch) -> None:
+    import os
+    import stat
+
+    from slm_annotator.cli import main
+
+    old = os.umask(0o022)
+    try:
+        main(["versions", "--project", "1"])
+        probe = settings.model_dir / "probe"
+        probe.write_text("x")
+        assert stat.S_IMODE(probe.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_report_names_annotators_only_to_authenticated_callers(secured, open_client) -> None:
+    for app, headers in ((secured, basic()), (open_client[0], {})):
+        client = app.test_client()
+        assert client.post("/setup", json={"project": "74", "schema": CONFIG}, headers=headers).status_code == 200
+        for ann_id, who in ((1, "alice@example.org"), (2, "bob@example.org")):
+            body = {**event(74, ann_id), "task": {"id": 1, "data": {"text": "t"}}}
+            body["annotation"] = {**body["annotation"], "task": 1, "completed_by": {"email": who}}
+            hook = {"X-Webhook-Secret": SECRET} if headers else {}
+            assert client.post("/webhook", json=body, headers=hook).status_code == 200
+    shown = secured.test_client().get("/report/74.json", headers=basic()).get_data(as_text=True)
+    assert "alice@example.org" in shown
+    for path in ("/report/74.json", "/report/74"):
+        hidden = open_client[1].get(path).get_data(as_text=True)
+        assert "example.org" not in hidden and "rater 1" in hidden and "rater 2" in hidden
+
+
+def test_judge_serve_bounds_enum_values() -> None:
+    from backend.openai_api import OpenAIError, parse_response_format
+
+    def schema(props: dict) -> dict:
+        return {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": props}}}
+
+    for props in ({"p": {"type": "string", "enum": [f"v{i}" for i in range(2000)]}},
+                  {"p": {"type": "string", "enum": ["x" * 5000]}},
+                  {f"p{i}": {"type": "string", "enum": ["a", "b"]} for i in range(1000)}):
+        with pytest.raises(OpenAIError) as info:
+            parse_response_format(schema(props))
+        assert info.value.status == 400 and info.value.param == "response_format"
+    assert parse_response_format(schema({"p": {"type": "string", "enum": [str(i) for i in range(100)]}}))
