@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from backend import metrics
 from backend.errors import ApiError
 from backend.payloads import project_id
 from backend.services import Services
@@ -36,6 +39,27 @@ def _n_boot() -> int | None:
     return int(raw)
 
 
+@contextmanager
+def _slot(svc: Services) -> Iterator[None]:
+    """Bootstrap intervals cost seconds to minutes: four reports held every thread for 2 minutes and 97 of 121
+    webhooks timed out (issue 17). At most REPORT_QUEUE_LIMIT at once, and each also takes a /predict slot, so
+    predictions and reports together leave a webhook its thread; more get a 503 at once."""
+    if not svc.report_slots.acquire(timeout=0.05):
+        metrics.REJECTED.inc()
+        raise ApiError(503, "overloaded: too many reports being computed (REPORT_QUEUE_LIMIT); retry later")
+    try:
+        if not svc.predict_slots.acquire(timeout=0.05):
+            metrics.REJECTED.inc()
+            raise ApiError(503, "overloaded: too many predictions and reports in flight (PREDICT_QUEUE_LIMIT); "
+                                "retry later")
+        try:
+            yield
+        finally:
+            svc.predict_slots.release()
+    finally:
+        svc.report_slots.release()
+
+
 def _report(project: str) -> dict[str, Any]:
     svc: Services = current_app.extensions["slm"]
     pid = project_id(project)
@@ -51,8 +75,9 @@ def _report(project: str) -> dict[str, Any]:
         hit = _cache.get(key)
     if hit and hit[0] == seq and time.monotonic() < hit[1]:
         return hit[2]
-    report = build_project_report(svc.store, pid, svc.settings.base_version, key[1], prices=Prices.of(svc.settings),
-                                  hide_raters=hide)
+    with _slot(svc):
+        report = build_project_report(svc.store, pid, svc.settings.base_version, key[1],
+                                      prices=Prices.of(svc.settings), hide_raters=hide)
     report["json_url"] = f"/report/{pid}.json"
     with _lock:
         if len(_cache) >= MAX_CACHED:

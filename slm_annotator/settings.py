@@ -117,6 +117,7 @@ class Settings:
     hard_pool_size: int = 2000
     replay_ratio: float = 1.0
     forgetting_tolerance: float = 0.0
+    report_queue_limit: int = 1
     bind_host: str = "127.0.0.1"  # where `serve` listens (BIND_HOST, set from --host): not loopback needs auth
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -229,5 +230,6 @@ def load_settings() -> Settings:
         hard_pool_size=max(1, _env_int("HARD_POOL_SIZE", 2000)),
         replay_ratio=_env_float("REPLAY_RATIO", 1.0),
         forgetting_tolerance=_env_float("FORGETTING_TOLERANCE", 0.0),
+        report_queue_limit=max(1, _env_int("REPORT_QUEUE_LIMIT", 1)),
         bind_host=_env("BIND_HOST", "127.0.0.1"),
     )

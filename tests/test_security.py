@@ -425,3 +425,91 @@ def test_judge_serve_bounds_enum_values() -> None:
             parse_response_format(schema(props))
         assert info.value.status == 400 and info.value.param == "response_format"
     assert parse_response_format(schema({"p": {"type": "string", "enum": [str(i) for i in range(100)]}}))
+
+
+# -------------------------------------------------------------------------------------- 6. bounded growth
+def test_config_and_rubric_caches_stay_bounded(settings) -> None:
+    """1,200 /setup calls grew a worker from 519 to 1,890 MB: 2,000 distinct 40 KB configs may not stay cached."""
+    import gc
+    import tracemalloc
+
+    from backend.services import Services, cached_rubric
+
+    svc = Services(settings, store=None, model=None, trigger=None)  # type: ignore[arg-type]
+    pad = "<!-- " + "x" * 40_000 + " -->"
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(2000):
+            config = CONFIG.replace("<View>", f"<View>{pad}<!-- {n} -->")
+            cached_rubric(config, "")
+            svc.remember_config(str(n), config)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 40_000_000, f"caches kept {grown / 1e6:.0f} MB of 80 MB of configs"
+    assert svc.known_config("1999") is not None  # the newest are still cached
+
+
+def test_a_bulk_delete_lets_webhooks_write_meanwhile(settings) -> None:
+    """ANNOTATIONS_DELETED of many ids held SQLite's write lock for 31 s; now a label is written while it runs."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from slm_annotator.store import LabelIn, Store
+
+    store = Store(settings.database_url)
+    store.upsert_project("75")
+    ids = list(range(1, 60_001))
+    done = threading.Event()
+    deleter = threading.Thread(target=lambda: (store.delete_labels("75", ids), done.set()))
+    deleter.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not done.is_set() and time.monotonic() < deadline:  # until the delete's first tombstones show
+            with store.engine.connect() as conn:  # a new snapshot each time
+                if conn.execute(text("SELECT count(*) FROM annotations WHERE project_id = '75'")).scalar():
+                    break
+            time.sleep(0.001)
+        store.upsert_label("75", LabelIn(10**9, 1, "a", [], {"sentiment": "Positive"}, {"text": "t"}))
+        assert not done.is_set(), "the label had to wait for the whole delete"
+    finally:
+        deleter.join(120)
+    assert done.is_set()
+    assert store.delete_labels("75", ids) == 0  # all tombstoned once
+    assert len(store.labels("75", include_inactive=True)) == 60_001
+
+
+def test_report_computations_are_capped_and_webhooks_still_answer(open_client, monkeypatch) -> None:
+    import threading
+
+    import backend.report
+
+    _, client = open_client
+    assert client.post("/setup", json={"project": "76", "schema": CONFIG}).status_code == 200
+    real, entered, release = backend.report.build_project_report, threading.Event(), threading.Event()
+
+    def slow(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend.report, "build_project_report", slow)
+    first: list = []
+    holder = threading.Thread(target=lambda: first.append(client.get("/report/76.json?n_boot=1000")))
+    holder.start()
+    try:
+        assert entered.wait(30)
+        second: list = []
+        other = threading.Thread(target=lambda: second.append(client.get("/report/76.json?n_boot=999")))
+        other.start()
+        other.join(10)
+        assert second and second[0].status_code == 503 and "REPORT_QUEUE_LIMIT" in second[0].json["error"]
+        assert client.post("/webhook", json=event(76, 1)).status_code == 200
+    finally:
+        release.set()
+        holder.join(30)
+    assert first[0].status_code == 200
