@@ -52,13 +52,32 @@ def health() -> Any:
     svc = services()
     if not g.get("authenticated"):
         return jsonify(status="UP", model_class="SLMAnnotator")
+    degraded = _degraded(svc)
     return jsonify(
-        status="UP",
+        status=f"degraded: {degraded[0]}" + (f" (and {len(degraded) - 1} more)" if len(degraded) > 1 else "")
+        if degraded else "UP",
         model_class="SLMAnnotator",
         model_loaded=svc.model.loaded is not None,
         model_status=svc.model.status(),
         base_model=base_version(svc.settings),
+        degraded=degraded,
     )
+
+
+def _degraded(svc: Services) -> list[str]:
+    """Projects whose latest training run or latest sync failed: an operator sees it without reading logs."""
+    try:
+        failures = svc.store.latest_failures()
+    except Exception as exc:
+        log.warning("/health could not read the store: %s", type(exc).__name__)
+        return ["the store cannot be read"]
+    out = []
+    for run in failures:
+        what = "sync from Label Studio" if run.trigger == "sync" else "training"
+        when = (run.finished_at or run.started_at).isoformat(timespec="seconds") + "Z"
+        reason = (run.error or "").strip().splitlines()[-1][:200] if run.error else "no detail"
+        out.append(f"project {run.project_id}: {what} failed at {when}: {reason}")
+    return out
 
 
 @bp.post("/setup")

@@ -55,7 +55,7 @@ def judge_config(settings: Settings) -> JudgeConfig | None:
         return None
     return JudgeConfig(settings.judge_url, settings.judge_model, settings.judge_api_key, settings.judge_timeout,
                        settings.judge_retries, settings.judge_concurrency,
-                       max_prompt_chars=settings.max_prompt_tokens * CHARS_PER_TOKEN)
+                       max_prompt_chars=settings.max_prompt_tokens * CHARS_PER_TOKEN, deadline=settings.judge_deadline)
 
 
 def route_predictions(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ class JudgeConfig:
     concurrency: int = 4
     max_tokens: int = 256
     max_prompt_chars: int = 16_384  # the task texts, cut fairly like the model's prompts (MAX_PROMPT_TOKENS x 4)
+    deadline: float = 60.0  # seconds for all the items of one /predict, retries included (JUDGE_DEADLINE)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,14 @@ class Judge:
         return Verdict(values, *tokens, seconds)
 
     def ask_many(self, rubric: Rubric, datas: Sequence[dict[str, Any]]) -> list[Verdict]:
-        if len(datas) <= 1:
-            return [self.ask(rubric, d) for d in datas]
-        with ThreadPoolExecutor(min(self.cfg.concurrency, len(datas))) as pool:
-            return list(pool.map(lambda d: self.ask(rubric, d), datas))
+        """One verdict per item within `deadline` seconds in all (the client's timeout is per read and per
+        attempt): an item the judge has not answered by then is a failure, and goes to a human."""
+        if not datas:
+            return []
+        pool = ThreadPoolExecutor(min(self.cfg.concurrency, len(datas)), thread_name_prefix="judge")
+        futures = [pool.submit(self.ask, rubric, d) for d in datas]
+        done, _ = wait(futures, timeout=self.cfg.deadline)
+        pool.shutdown(wait=False, cancel_futures=True)  # a call still hanging ends with its own read timeout
+        late = Verdict(None, seconds=self.cfg.deadline,
+                       error=f"no answer within {self.cfg.deadline:g} s (JUDGE_DEADLINE)")
+        return [f.result() if f in done else late for f in futures]

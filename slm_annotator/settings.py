@@ -110,6 +110,7 @@ class Settings:
     judge_retries: int = 2
     judge_budget: float = 0.0
     judge_concurrency: int = 4
+    judge_deadline: float = 60.0
     price_judge_input: float = 2.5
     price_judge_output: float = 10.0
     price_slm_hour: float = 0.5
@@ -118,6 +119,7 @@ class Settings:
     replay_ratio: float = 1.0
     forgetting_tolerance: float = 0.0
     report_queue_limit: int = 1
+    outbound_deadline: float = 120.0
     bind_host: str = "127.0.0.1"  # where `serve` listens (BIND_HOST, set from --host): not loopback needs auth
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -223,6 +225,7 @@ def load_settings() -> Settings:
         judge_retries=_env_int("JUDGE_RETRIES", 2),
         judge_budget=_env_float("JUDGE_BUDGET", 0.0),
         judge_concurrency=max(1, _env_int("JUDGE_CONCURRENCY", 4)),
+        judge_deadline=_env_float("JUDGE_DEADLINE", 60.0),
         price_judge_input=_env_float("PRICE_JUDGE_INPUT", 2.5),
         price_judge_output=_env_float("PRICE_JUDGE_OUTPUT", 10.0),
         price_slm_hour=_env_float("PRICE_SLM_HOUR", 0.5),
@@ -231,5 +234,6 @@ def load_settings() -> Settings:
         replay_ratio=_env_float("REPLAY_RATIO", 1.0),
         forgetting_tolerance=_env_float("FORGETTING_TOLERANCE", 0.0),
         report_queue_limit=max(1, _env_int("REPORT_QUEUE_LIMIT", 1)),
+        outbound_deadline=_env_float("OUTBOUND_DEADLINE", 120.0),
         bind_host=_env("BIND_HOST", "127.0.0.1"),
     )

@@ -412,6 +412,26 @@ class Store:
                     project.trained_seq = run.seq_snapshot
                     project.training_requested = False
 
+    def record_run(self, project_id: str, trigger: str, status: str, error: str = "") -> TrainingRun:
+        """A run that is over as it starts (a failed sync): running runs are left alone, the watermark too."""
+        with self.write_session() as s:
+            _ensure_project(s, project_id)
+            now = utcnow()
+            run = TrainingRun(project_id=project_id, job_id=trigger, trigger=trigger, status=status, error=error,
+                              started_at=now, finished_at=now)
+            s.add(run)
+            s.flush()
+            return run
+
+    def latest_failures(self, limit: int = 20) -> list[TrainingRun]:
+        """Per project, its latest training run and its latest sync if they failed: /health's "degraded"."""
+        with self.session() as s:
+            # syncs apart: a training that ran on the stored labels does not make a failing sync good
+            latest = select(func.max(TrainingRun.id)).group_by(
+                TrainingRun.project_id, TrainingRun.trigger == "sync").scalar_subquery()
+            return list(s.scalars(select(TrainingRun).where(TrainingRun.id.in_(latest), TrainingRun.status == "failed")
+                                  .order_by(TrainingRun.finished_at).limit(limit)))
+
     def runs(self, project_id: str) -> list[TrainingRun]:
         with self.session() as s:
             return list(

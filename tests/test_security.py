@@ -513,3 +513,116 @@ def test_report_computations_are_capped_and_webhooks_still_answer(open_client, m
         release.set()
         holder.join(30)
     assert first[0].status_code == 200
+
+
+# ------------------------------------------------------ 7. outbound deadlines, failed syncs that show
+class _MisbehavingLabelStudio:
+    """A Label Studio stub: "drip" sends a JSON answer one byte at a time, "html" a proxy's login page with 200,
+    "ok" a project and an empty export."""
+
+    mode = "ok"
+
+    @classmethod
+    def handler(cls) -> type:
+        import http.server
+        import json
+        import time
+
+        stub = cls
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if stub.mode == "html":
+                    body, kind = b"<html><body>Please log in</body></html>", "text/html"
+                elif self.path.startswith("/api/projects/80/export"):
+                    body, kind = b"[]", "application/json"
+                else:
+                    body, kind = json.dumps({"id": 80, "label_config": CONFIG}).encode(), "application/json"
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                for byte in body if stub.mode == "drip" else [body]:
+                    try:
+                        self.wfile.write(bytes([byte]) if isinstance(byte, int) else byte)
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    if stub.mode == "drip":
+                        time.sleep(0.3)  # each read gets a byte well within OUTBOUND_TIMEOUT
+
+            def log_message(self, *args) -> None:
+                pass
+
+        return Handler
+
+
+@pytest.fixture
+def label_studio_stub():
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MisbehavingLabelStudio.handler())
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    _MisbehavingLabelStudio.mode = "ok"
+
+
+def test_a_slow_drip_label_studio_cannot_hold_a_sync_past_its_deadline(settings, label_studio_stub) -> None:
+    import time
+
+    from slm_annotator.store import Store
+    from worker.sync import SyncError, sync_project
+
+    _MisbehavingLabelStudio.mode = "drip"
+    s = replace(settings, label_studio_url=label_studio_stub, label_studio_api_key="k", outbound_timeout=2.0,
+                outbound_deadline=1.5)
+    started = time.monotonic()
+    with pytest.raises(SyncError, match="OUTBOUND_DEADLINE"):
+        sync_project(s, Store(s.database_url), "80")
+    assert time.monotonic() - started < 5
+
+
+def test_a_failed_sync_is_a_recorded_run_and_health_says_degraded(settings, embedded_redis_url,
+                                                                  label_studio_stub) -> None:
+    from worker.sync import SyncError, sync_project
+
+    s = replace(settings, redis_url=embedded_redis_url, label_studio_url=label_studio_stub, label_studio_api_key="k")
+    app = create_app(s)
+    client, store = app.test_client(), app.extensions["slm"].store
+    assert client.post("/setup", json={"project": "80", "schema": CONFIG}).status_code == 200
+    assert client.get("/health").json["status"] == "UP"
+    _MisbehavingLabelStudio.mode = "html"
+    with pytest.raises(SyncError, match="not JSON"):
+        sync_project(s, store, "80")
+    runs = client.get("/versions/80").json["runs"]
+    assert runs[-1]["status"] == "failed" and runs[-1]["trigger"] == "sync" and "not JSON" in runs[-1]["error"]
+    health = client.get("/health").json
+    assert health["status"].startswith("degraded: project 80: sync from Label Studio failed at ")
+    assert "not JSON" in health["degraded"][0]
+    _MisbehavingLabelStudio.mode = "ok"  # Label Studio is fixed: the next sync clears it
+    assert sync_project(s, store, "80")["tasks"] == 0
+    assert client.get("/health").json["status"] == "UP"
+
+
+def test_the_judge_has_a_total_deadline() -> None:
+    import socket
+    import time
+
+    from model.judge import Judge, JudgeConfig
+    from model.rubric import parse_label_config
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts connections, never answers
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        judge = Judge(JudgeConfig(url, "big", timeout=30, retries=2, concurrency=2, deadline=1.0))
+        started = time.monotonic()
+        verdicts = judge.ask_many(parse_label_config(CONFIG), [{"text": "a"}, {"text": "b"}, {"text": "c"}])
+        assert time.monotonic() - started < 5
+        assert [v.values for v in verdicts] == [None] * 3 and "JUDGE_DEADLINE" in verdicts[0].error
+    finally:
+        listener.close()
