@@ -67,12 +67,12 @@ class TrainingOverrides:
 class ProjectSettings:
     """Label Studio's *Extra params* of one project; None everywhere means the server's settings."""
 
-    train_threshold: int | None = _opt(int, 10, 1_000_000, help="new or changed labels that start a training "
-                                                                "(TRAIN_THRESHOLD)")
+    train_threshold: int | None = _opt(int, 10, 10**9, help="new or changed labels that start a training "
+                                                            "(TRAIN_THRESHOLD; 10**9: never)")
     ensemble: int | None = _opt(int, 1, MAX_MEMBERS, help="k adapters trained and voting on every item (ENSEMBLE)")
     route: str | None = _opt(str, choices=ROUTES, help="where items the ensemble disagrees on go (ROUTE)")
     route_epsilon: float | None = _opt(float, 0.0, 1.0, help="route items with uncertainty >= this (ROUTE_EPSILON)")
-    hard_pool_size: int | None = _opt(int, 10, 100_000, help="hard samples that start a continual fine-tuning "
+    hard_pool_size: int | None = _opt(int, 10, 10**9, help="hard samples that start a continual fine-tuning "
                                                              "(HARD_POOL_SIZE)")
     decoding: str | None = _opt(str, choices=("argmax", "expected"), help="how a scale's answer is read")
     instructions: str | None = _opt(str, help="annotation guidelines, shown in every prompt")
