@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hmac
 import logging
 import threading
 import time
@@ -13,6 +11,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend import metrics
+from backend.auth import OPEN_PATHS, SECRET_HEADER, basic_auth_on, basic_ok, check_posture, secret_ok
 from backend.errors import ApiError
 from backend.protocol import bp as protocol_bp
 from backend.report import bp as report_bp
@@ -23,20 +22,6 @@ from slm_annotator.costs import Prices
 from slm_annotator.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
-SECRET_HEADER = "X-Webhook-Secret"
-
-
-def _authorized(settings: Settings) -> bool:
-    header = request.headers.get("Authorization", "")
-    if not header.startswith("Basic "):
-        return False
-    try:
-        user, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return hmac.compare_digest(user, settings.basic_auth_user) and hmac.compare_digest(
-        password, settings.basic_auth_pass
-    )
 
 
 def _endpoint() -> str:
@@ -47,6 +32,7 @@ def _endpoint() -> str:
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
     settings = settings or (services.settings if services else load_settings())
     redact.install(settings)
+    check_posture(settings)  # exposed without credentials: refuse to start, naming BASIC_AUTH_USER/PASS
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     svc = services or build_services(settings)
@@ -58,14 +44,23 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @app.before_request
     def _auth_and_timer() -> Any:
         g.started = time.perf_counter()
+        authed = basic_ok(request.headers.get("Authorization", ""), settings)
+        g.authenticated = authed or not basic_auth_on(settings)  # nothing configured: loopback only, all open
+        g.via = "basic" if authed else ""
+        if request.path in OPEN_PATHS:
+            return None  # /health answers details only when g.authenticated
         if request.path == "/webhook" and settings.webhook_secret:
             # Label Studio's event webhooks carry no credentials of their own: the secret is a custom header
-            # configured on the webhook, and it is the only way in (a forged event could poison training data).
-            if hmac.compare_digest(request.headers.get(SECRET_HEADER, ""), settings.webhook_secret):
+            # configured on the webhook, and it is the only way to write labels (a forged event could poison
+            # training data). Its ML API (START_TRAINING) carries Basic auth instead: webhook() checks the action.
+            if secret_ok(request.headers.get(SECRET_HEADER, ""), settings):
+                g.via = "secret"
+                return None
+            if authed:
                 return None
             return Response(f'{{"error": "webhook secret missing or wrong ({SECRET_HEADER} header)"}}', 401,
                             {"Content-Type": "application/json"})
-        if settings.basic_auth_user and not _authorized(settings):
+        if not g.authenticated:
             return Response(
                 '{"error": "authentication required"}',
                 401,

@@ -22,6 +22,11 @@ from model.enum_decoding import decode_enum_json, generate_text, max_json_tokens
 
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS_CAP = 1024
+# Constrained decoding scores every enum value of a property in one batch: bound what one request can ask for
+# (2,000 values in a 17 KB request tried to allocate 2.36 GB).
+MAX_ENUM_VALUES = 256
+MAX_ENUM_CHARS = 256
+MAX_ENUM_PROPERTIES = 256
 ROLES = {"system", "user", "assistant", "developer"}  # developer: OpenAI's newer name for system
 
 bp = Blueprint("openai_api", __name__, url_prefix="/v1")
@@ -122,6 +127,9 @@ def _enum_property(key: str, spec: Any) -> tuple[str, list[str]]:
             or not all(isinstance(v, str) for v in enum):
         raise OpenAIError(400, f'{where} needs "type": "string" and a non-empty "enum" of strings '
                           "(only string enums are supported)", "response_format")
+    if len(enum) > MAX_ENUM_VALUES or max(len(v) for v in enum) > MAX_ENUM_CHARS:
+        raise OpenAIError(400, f"{where}.enum has {len(enum)} values (at most {MAX_ENUM_VALUES}, each at most "
+                          f"{MAX_ENUM_CHARS} characters): every value is scored", "response_format")
     return key, enum
 
 
@@ -136,6 +144,9 @@ def parse_response_format(raw: Any) -> list[tuple[str, list[str]]] | None:
     if not isinstance(schema, dict) or schema.get("type") != "object" or not isinstance(props, dict) or not props:
         raise OpenAIError(400, 'response_format.json_schema.schema must be {"type": "object", "properties": {...}} '
                           "with at least one property", "response_format")
+    if len(props) > MAX_ENUM_PROPERTIES:
+        raise OpenAIError(400, f"response_format.json_schema.schema has {len(props)} properties; at most "
+                          f"{MAX_ENUM_PROPERTIES}", "response_format")
     properties = [_enum_property(key, spec) for key, spec in props.items()]
     required = schema.get("required") or []
     if not isinstance(required, list):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Request
 
@@ -16,6 +17,7 @@ from slm_annotator.store import LabelIn
 PROJECT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_JSON_DEPTH = 100  # Label Studio's payloads nest < 10 deep; deeper only exhausts the stack downstream
 INT64 = 2**63
+FUTURE_SKEW = timedelta(seconds=60)  # clocks of Label Studio and the backend may differ this much
 # A UTF-16 surrogate, escaped (\ud800) or as raw bytes (json.loads decodes bytes with surrogatepass).
 _SURROGATE_IN_RAW = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # paired ones are already decoded into one character
@@ -82,6 +84,24 @@ def clean_text(value: str, limit: int | None = None) -> str:
     return value[:limit] if limit else value
 
 
+def label_studio_url(raw: str) -> str:
+    """A Label Studio base URL: http(s), a host, maybe a path prefix; no credentials, query or fragment, which
+    would let the sender choose the path that sync's requests (with the API key) go to."""
+    text = clean_text(raw).strip().rstrip("/")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise ApiError(400, f"'hostname' {raw[:80]!r} is not a URL") from None
+    if len(text) > 512 or parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ApiError(400, f"'hostname' {raw[:80]!r} must be an http(s) URL of Label Studio (at most 512 characters)")
+    if parts.username or parts.password or parts.query or parts.fragment or "?" in text or "#" in text \
+            or any(c in text for c in "\r\n\t "):
+        raise ApiError(400, f"'hostname' {raw[:80]!r} must be Label Studio's base URL, without credentials, "
+                            "query or fragment")
+    return text
+
+
 def project_id(raw: Any, required: bool = True) -> str:
     """LS sends "<id>.<created_ts>" to /setup and /predict, and an int or object in webhooks."""
     if isinstance(raw, dict):
@@ -99,15 +119,21 @@ def project_id(raw: Any, required: bool = True) -> str:
 
 
 def parse_time(raw: Any) -> datetime | None:
+    """Label Studio's updated_at as naive UTC. One later than now + FUTURE_SKEW is now: labels are ordered by it,
+    and a forged label stamped 2099 would otherwise never be overwritten by the annotator's real one."""
     if not isinstance(raw, str) or not raw:
         return None
     try:
         stamp = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
     if stamp.tzinfo is not None:
-        stamp = stamp.astimezone(UTC).replace(tzinfo=None)
-    return stamp
+        try:
+            stamp = stamp.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:
+            return None
+    now = datetime.now(UTC).replace(tzinfo=None)
+    return now if stamp > now + FUTURE_SKEW else stamp
 
 
 def annotator_of(annotation: dict[str, Any]) -> str:

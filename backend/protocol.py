@@ -8,17 +8,18 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 from backend import metrics
 from backend.errors import ApiError
-from backend.payloads import INT64, clean_text, int64, json_body, label_from, project_id
+from backend.payloads import INT64, clean_text, int64, json_body, label_from, label_studio_url, project_id
 from backend.routing import Routed, route_predictions, routing_policy
 from backend.services import Services, base_version, cached_rubric
 from model.prompt import TaskDataError
 from model.results import values_from_result
 from model.rubric import Rubric, RubricError, parse_extra_params
 from model.serving import ModelUnavailable
+from slm_annotator.project_settings import ProjectSettings, ProjectSettingsError, request_overrides
 from worker.policy import members_for
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,36 @@ def _rubric(config: str, extra: Any) -> Rubric:
 @bp.get("/health")
 @bp.get("/")
 def health() -> Any:
+    """Open to all (Label Studio's liveness check); the model's details only for authenticated callers."""
     svc = services()
+    if not g.get("authenticated"):
+        return jsonify(status="UP", model_class="SLMAnnotator")
+    degraded = _degraded(svc)
     return jsonify(
-        status="UP",
+        status=f"degraded: {degraded[0]}" + (f" (and {len(degraded) - 1} more)" if len(degraded) > 1 else "")
+        if degraded else "UP",
         model_class="SLMAnnotator",
         model_loaded=svc.model.loaded is not None,
         model_status=svc.model.status(),
         base_model=base_version(svc.settings),
+        degraded=degraded,
     )
+
+
+def _degraded(svc: Services) -> list[str]:
+    """Projects whose latest training run or latest sync failed: an operator sees it without reading logs."""
+    try:
+        failures = svc.store.latest_failures()
+    except Exception as exc:
+        log.warning("/health could not read the store: %s", type(exc).__name__)
+        return ["the store cannot be read"]
+    out = []
+    for run in failures:
+        what = "sync from Label Studio" if run.trigger == "sync" else "training"
+        when = (run.finished_at or run.started_at).isoformat(timespec="seconds") + "Z"
+        reason = (run.error or "").strip().splitlines()[-1][:200] if run.error else "no detail"
+        out.append(f"project {run.project_id}: {what} failed at {when}: {reason}")
+    return out
 
 
 @bp.post("/setup")
@@ -66,18 +89,18 @@ def setup() -> Any:
     config = body.get("schema") or body.get("label_config") or ""
     if not isinstance(config, str):
         raise ApiError(400, "'schema' must be the label config XML as a string")
-    extra = parse_extra_params(body.get("extra_params"))
+    project = svc.store.project(pid) if pid else None
+    # Label Studio always sends its extra_params (its whole current set): those replace the stored ones. A call
+    # without the key (a script, an attacker) keeps them: it must not wipe a project's settings.
+    sent_extra = "extra_params" in body
+    extra = _validated(body.get("extra_params")) if sent_extra else (project.extra_params if project else {})
     if config:
         _rubric(config, extra)
     if pid:
-        fields: dict[str, Any] = {"extra_params": extra}
+        fields: dict[str, Any] = {"extra_params": extra} if sent_extra or project is None else {}
         if config:
             fields["label_config"] = config
-        if isinstance(body.get("hostname"), str) and body["hostname"]:
-            fields["hostname"] = clean_text(body["hostname"][:600], 512)
-        if isinstance(body.get("access_token"), str) and body["access_token"]:
-            fields["access_token"] = clean_text(body["access_token"])
-        project = svc.store.project(pid)
+        fields.update(_label_studio_fields(svc, pid, body, project))
         if project is None or any(getattr(project, k) != v for k, v in fields.items()):
             svc.store.upsert_project(pid, **fields)
             _train_missing_members(svc, pid, extra)
@@ -91,6 +114,35 @@ def setup() -> Any:
     return jsonify(model_version=served.model_version,
                    prefilled=[k for k, d in plan.dims.items() if d.prefill] if plan else ([] if bar is not None
                                                                                            else None))
+
+
+def _label_studio_fields(svc: Services, pid: str, body: dict[str, Any], project: Any) -> dict[str, Any]:
+    """Where sync sends the project's credentials. LABEL_STUDIO_URL pins it for every project; without it the
+    first hostname stored is kept, and only an authenticated /setup (Basic auth) may move it: an unauthenticated
+    one re-pointed a project at an attacker, who then received the Label Studio API key (issue 17)."""
+    fields: dict[str, Any] = {}
+    token = body.get("access_token")
+    if isinstance(token, str) and token:
+        fields["access_token"] = clean_text(token)  # only ever sent to the pinned address
+    hostname = body.get("hostname")
+    if svc.settings.label_studio_url or not isinstance(hostname, str) or not hostname:
+        return fields
+    url = label_studio_url(hostname)
+    stored = project.hostname if project is not None else ""
+    if stored and url != stored and g.get("via") != "basic":
+        log.warning("project %s: /setup asked to move Label Studio from %s to %s without Basic auth; kept",
+                    pid, stored, url)
+        return fields
+    fields["hostname"] = url
+    return fields
+
+
+def _validated(raw: Any) -> dict[str, Any]:
+    """extra_params checked once, here, with bounds: a bad key is a 400 now, not a failed training hours later."""
+    try:
+        return ProjectSettings.parse(raw).to_extra()
+    except ProjectSettingsError as exc:
+        raise ApiError(400, str(exc)) from exc
 
 
 def _train_missing_members(svc: Services, pid: str, extra: dict[str, Any]) -> None:
@@ -123,7 +175,10 @@ def predict() -> Any:
     if not config or not isinstance(config, str):
         raise ApiError(400, "no label config: send 'label_config' or call /setup for this project first")
     params = body.get("params") if isinstance(body.get("params"), dict) else {}
-    extra = parse_extra_params(params.get("extra_params")) or (stored.extra_params if stored else {})
+    try:  # a request may change the prompt's wording, never what it costs (ensemble, routing, the judge)
+        extra = {**(stored.extra_params if stored else {}), **request_overrides(params.get("extra_params"))}
+    except ProjectSettingsError as exc:
+        raise ApiError(400, f"params.{exc}") from exc
     rubric = _rubric(config, extra)
     served = svc.served_for(pid)
     version = served.model_version
@@ -184,6 +239,9 @@ def webhook() -> Any:
     action = body.get("action")
     if not isinstance(action, str) or not action:
         raise ApiError(400, "missing 'action'")
+    if g.get("via") == "basic" and svc.settings.webhook_secret and action in LABEL_ACTIONS | {"ANNOTATIONS_DELETED"}:
+        # Basic auth is how Label Studio's ML API calls (START_TRAINING); labels come only with the secret
+        raise ApiError(401, "label events need the webhook secret (X-Webhook-Secret header), not Basic auth")
     metrics.WEBHOOKS.labels(action if action in KNOWN_ACTIONS else "OTHER").inc()
     if action in LABEL_ACTIONS:
         return jsonify(_store_annotation(svc, body))

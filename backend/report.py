@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from backend import metrics
 from backend.errors import ApiError
 from backend.payloads import project_id
 from backend.services import Services
@@ -23,7 +26,7 @@ bp = Blueprint("report", __name__)
 CACHE_SECONDS = 30.0
 MAX_BOOT = 1000
 MAX_CACHED = 64
-_cache: dict[tuple[str, int | None], tuple[int, float, dict[str, Any]]] = {}
+_cache: dict[tuple[str, int | None, bool], tuple[int, float, dict[str, Any]]] = {}
 _lock = threading.Lock()
 
 
@@ -31,9 +34,30 @@ def _n_boot() -> int | None:
     raw = request.args.get("n_boot")
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) > MAX_BOOT:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 6 or int(raw) > MAX_BOOT:  # "²".isdigit() is True
         raise ApiError(400, f"n_boot must be an integer from 0 to {MAX_BOOT}")
     return int(raw)
+
+
+@contextmanager
+def _slot(svc: Services) -> Iterator[None]:
+    """Bootstrap intervals cost seconds to minutes: four reports held every thread for 2 minutes and 97 of 121
+    webhooks timed out (issue 17). At most REPORT_QUEUE_LIMIT at once, and each also takes a /predict slot, so
+    predictions and reports together leave a webhook its thread; more get a 503 at once."""
+    if not svc.report_slots.acquire(timeout=0.05):
+        metrics.REJECTED.inc()
+        raise ApiError(503, "overloaded: too many reports being computed (REPORT_QUEUE_LIMIT); retry later")
+    try:
+        if not svc.predict_slots.acquire(timeout=0.05):
+            metrics.REJECTED.inc()
+            raise ApiError(503, "overloaded: too many predictions and reports in flight (PREDICT_QUEUE_LIMIT); "
+                                "retry later")
+        try:
+            yield
+        finally:
+            svc.predict_slots.release()
+    finally:
+        svc.report_slots.release()
 
 
 def _report(project: str) -> dict[str, Any]:
@@ -43,12 +67,17 @@ def _report(project: str) -> dict[str, Any]:
     if stored is None:
         raise ApiError(404, f"unknown project {pid!r}: nothing is stored for it (connect it in Label Studio, "
                             "or import labels with `slm-annotator train --data`)")
-    key, seq = (pid, _n_boot()), stored.label_seq
+    # annotators' e-mails only to callers who sent Basic auth; anyone else (an open loopback backend too) sees
+    # "rater 1", "rater 2"...
+    hide = g.get("via") != "basic"
+    key, seq = (pid, _n_boot(), hide), stored.label_seq
     with _lock:
         hit = _cache.get(key)
     if hit and hit[0] == seq and time.monotonic() < hit[1]:
         return hit[2]
-    report = build_project_report(svc.store, pid, svc.settings.base_version, key[1], prices=Prices.of(svc.settings))
+    with _slot(svc):
+        report = build_project_report(svc.store, pid, svc.settings.base_version, key[1],
+                                      prices=Prices.of(svc.settings), hide_raters=hide)
     report["json_url"] = f"/report/{pid}.json"
     with _lock:
         if len(_cache) >= MAX_CACHED:

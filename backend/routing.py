@@ -8,7 +8,6 @@ result carries a note saying why. A judge that fails, times out or is over budge
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +16,14 @@ from model.judge import Judge, JudgeConfig
 from model.results import DimensionScore, to_ls_result
 from model.rubric import Rubric
 from model.serving import TaskPrediction
+from slm_annotator import project_settings
 from slm_annotator.costs import Prices, judge_spend
-from slm_annotator.settings import ROUTES, Settings
+from slm_annotator.settings import Settings
 from slm_annotator.store import Store
 from worker.policy import members_for
 
 log = logging.getLogger(__name__)
+CHARS_PER_TOKEN = 4  # the judge's tokenizer is unknown: its texts are cut to MAX_PROMPT_TOKENS x this many characters
 
 
 @dataclass(frozen=True)
@@ -41,23 +42,19 @@ class Routed:
 
 
 def routing_policy(settings: Settings, extra: dict[str, Any]) -> RoutingPolicy:
-    """Global settings, overridden per project by extra_params "ensemble", "route", "route_epsilon"."""
-    route, eps = settings.route, settings.route_epsilon
-    try:
-        eps = float(extra.get("route_epsilon", eps))
-    except (TypeError, ValueError):
-        log.warning("extra_params route_epsilon is not a number; using ROUTE_EPSILON")
-    if str(extra.get("route", route)).lower() in ROUTES:
-        route = str(extra.get("route", route)).lower()
-    eps = eps if math.isfinite(eps) else settings.route_epsilon
-    return RoutingPolicy(members_for(settings, extra), route, eps)
+    """Global settings, overridden per project by extra_params "ensemble", "route", "route_epsilon" (validated
+    at /setup; never per request: routing decides what the judge costs)."""
+    own = project_settings.stored(extra)
+    eps = settings.route_epsilon if own.route_epsilon is None else own.route_epsilon
+    return RoutingPolicy(members_for(settings, extra), own.route or settings.route, eps)
 
 
 def judge_config(settings: Settings) -> JudgeConfig | None:
     if not settings.judge_url or not settings.judge_model:
         return None
     return JudgeConfig(settings.judge_url, settings.judge_model, settings.judge_api_key, settings.judge_timeout,
-                       settings.judge_retries, settings.judge_concurrency)
+                       settings.judge_retries, settings.judge_concurrency,
+                       max_prompt_chars=settings.max_prompt_tokens * CHARS_PER_TOKEN, deadline=settings.judge_deadline)
 
 
 def route_predictions(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from model.annotator import Annotator, Served, served_from_folder
 from model.judge import Judge
 from model.rubric import Rubric, parse_label_config
 from model.serving import AdapterRef, ModelServer
+from slm_annotator.lru import SizedLRU
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
 from worker.policy import Trigger, prefill_bar_for
@@ -27,9 +27,20 @@ def base_version(settings: Settings) -> str:
     return settings.base_version
 
 
-@lru_cache(maxsize=256)
+# Bounded by entries and by the characters of the configs they key on (a config may be 1M characters).
+CACHE_ENTRIES = 256
+CACHE_CHARS = 8_000_000
+_rubrics: SizedLRU[tuple[str, str], Rubric] = SizedLRU(CACHE_ENTRIES, CACHE_CHARS, lambda k, _: len(k[0]) + len(k[1]))
+
+
 def cached_rubric(label_config: str, extra_json: str) -> Rubric:
-    return parse_label_config(label_config, extra_json or None)
+    """parse_label_config, cached per process (LRU); a config that does not parse raises every time."""
+    key = (label_config, extra_json)
+    hit = _rubrics.get(key)
+    if hit is None:
+        hit = parse_label_config(label_config, extra_json or None)
+        _rubrics.put(key, hit)
+    return hit
 
 
 @dataclass
@@ -45,7 +56,10 @@ class Services:
     def __post_init__(self) -> None:
         self.annotator = Annotator(self.model, self.settings.head_encoder)
         self.predict_slots = threading.BoundedSemaphore(self.settings.predict_slots)
-        self._configs: dict[str, tuple[str, float]] = {}
+        # a report computed (not cached) takes one of these AND a predict slot: together they leave a thread free
+        self.report_slots = threading.BoundedSemaphore(self.settings.report_queue_limit)
+        self._configs: SizedLRU[str, tuple[str, float]] = SizedLRU(CACHE_ENTRIES * 4, CACHE_CHARS,
+                                                                    lambda k, v: len(k) + len(v[0]))
         self._served: dict[str, Served] = {}
         self._judge_lock = threading.Lock()
 
@@ -71,7 +85,7 @@ class Services:
         return hit[0] if hit and time.monotonic() < hit[1] else None
 
     def remember_config(self, project_id: str, config: str) -> None:
-        self._configs[project_id] = (config, time.monotonic() + CONFIG_CACHE_SECONDS)
+        self._configs.put(project_id, (config, time.monotonic() + CONFIG_CACHE_SECONDS))
 
     def adapter_for(self, project_id: str) -> tuple[AdapterRef | None, str]:
         served = self.served_for(project_id)

@@ -6,7 +6,7 @@ shuffled order; the bench records when the 20th label was acknowledged and when 
 model_version (the time to a served first model). After the last label it waits for the head trained on
 (nearly) all of them, asks /predict for the test items, and scores the answers per dimension against each
 rater (mean alpha vs each human) next to the humans' pairwise alpha and the training majority. Dimensions the
-backend held back (below the pre-fill bar) are scored from a second /predict with the bar off, so both what
+backend held back (below the pre-fill bar) are scored from a second /predict with the bar at -1, so both what
 was served and what would have been are reported.
 
 The adapter does not train here (TRAIN_THRESHOLD is set out of reach): on a 2-core CPU one adapter run on
@@ -175,7 +175,7 @@ def _teach_and_ask(backend: Any, ds: Any, rubric: Any, events: list[dict[str, An
     examples = examples_of(ds, test_items)
     with_bar = score(rubric, examples, predict(backend, test_items))
     backend.post("/setup", json={"project": f"{PID}.1", "schema": ds.label_config,
-                                 "extra_params": {"prefill_min_alpha": "none"}})
+                                 "extra_params": {"prefill_min_alpha": -1}})
     without_bar = score(rubric, examples, predict(backend, test_items))
     base_majority = majority(rubric, examples_of(ds, train_items), examples)
     return {"dataset": name, "seed": seed, "train_items": len(train_items), "labels": len(events),

@@ -161,7 +161,8 @@ def result_values(rubric: Rubric, result: Any) -> dict[str, str]:
     numbers = {d.control: d.key for d in rubric.dimensions if d.control_type == "number"}
     for item in result if isinstance(result, list) else []:
         if isinstance(item, dict) and item.get("from_name") in numbers:
-            raw = (item.get("value") or {}).get("number")
+            value = item.get("value")
+            raw = value.get("number") if isinstance(value, dict) else None  # a stored forgery: not a number
             if isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw):
                 values[numbers[item["from_name"]]] = _fmt_number(float(raw))
     return values

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+SCORE_BATCH = 32  # candidates per forward pass: typical rubrics (<= 21 values) score in one
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
@@ -35,8 +36,11 @@ def value_text(value: str) -> str:
 def continuation_logprobs(
     model: Any, device: torch.device, context: Sequence[int], candidates: Sequence[Sequence[int]], pad_id: int
 ) -> list[float]:
-    """Sum of each candidate's token log-probabilities after `context`: one right-padded forward pass, and
-    only the logits at the candidates' positions are computed."""
+    """Sum of each candidate's token log-probabilities after `context`: right-padded forward passes of at most
+    SCORE_BATCH candidates (memory bounded whatever the number of values), only the candidates' logits computed."""
+    if len(candidates) > SCORE_BATCH:
+        return [x for start in range(0, len(candidates), SCORE_BATCH)
+                for x in continuation_logprobs(model, device, context, candidates[start : start + SCORE_BATCH], pad_id)]
     width = max(len(c) for c in candidates)
     n = len(context)
     ids = torch.full((len(candidates), n + width), pad_id, dtype=torch.long)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,8 @@ class JudgeConfig:
     retries: int = 2
     concurrency: int = 4
     max_tokens: int = 256
+    max_prompt_chars: int = 16_384  # the task texts, cut fairly like the model's prompts (MAX_PROMPT_TOKENS x 4)
+    deadline: float = 60.0  # seconds for all the items of one /predict, retries included (JUDGE_DEADLINE)
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,22 @@ def answer_schema(rubric: Rubric) -> dict[str, Any]:
             "additionalProperties": False}
 
 
-def judge_messages(rubric: Rubric, data: dict[str, Any]) -> list[dict[str, str]]:
-    texts = "\n\n".join(f"### {o.name}\n{object_text(o, data)}" for o in rubric.objects)
+def cut_texts(texts: list[str], budget: int) -> list[str]:
+    """Water-fills a character budget over the texts, so one long field cannot crowd out the others (the model's
+    prompts do the same in tokens); a cut text ends in " [...]"."""
+    if sum(len(t) for t in texts) <= budget:
+        return texts
+    limits, remaining = [0] * len(texts), max(budget, 0)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for n, i in enumerate(order):
+        limits[i] = min(len(texts[i]), remaining // (len(order) - n))
+        remaining -= limits[i]
+    return [t if limits[i] >= len(t) else t[: limits[i]] + " [...]" for i, t in enumerate(texts)]
+
+
+def judge_messages(rubric: Rubric, data: dict[str, Any], max_chars: int = 16_384) -> list[dict[str, str]]:
+    cut = cut_texts([object_text(o, data) for o in rubric.objects], max_chars)
+    texts = "\n\n".join(f"### {o.name}\n{t}" for o, t in zip(rubric.objects, cut, strict=True))
     criteria = []
     for d in rubric.dimensions:
         desc = f" {d.description.strip()}" if d.description.strip() else ""
@@ -98,7 +114,7 @@ class Judge:
         started = time.perf_counter()
         try:
             response = self.client.chat.completions.create(
-                model=self.cfg.model, messages=judge_messages(rubric, data), temperature=0,  # type: ignore[arg-type]
+                model=self.cfg.model, messages=judge_messages(rubric, data, self.cfg.max_prompt_chars), temperature=0,  # type: ignore[arg-type]
                 max_tokens=self.cfg.max_tokens,
                 response_format={"type": "json_schema", "json_schema": {  # type: ignore[typeddict-item]
                     "name": "annotation", "strict": True, "schema": answer_schema(rubric)}},
@@ -115,7 +131,14 @@ class Judge:
         return Verdict(values, *tokens, seconds)
 
     def ask_many(self, rubric: Rubric, datas: Sequence[dict[str, Any]]) -> list[Verdict]:
-        if len(datas) <= 1:
-            return [self.ask(rubric, d) for d in datas]
-        with ThreadPoolExecutor(min(self.cfg.concurrency, len(datas))) as pool:
-            return list(pool.map(lambda d: self.ask(rubric, d), datas))
+        """One verdict per item within `deadline` seconds in all (the client's timeout is per read and per
+        attempt): an item the judge has not answered by then is a failure, and goes to a human."""
+        if not datas:
+            return []
+        pool = ThreadPoolExecutor(min(self.cfg.concurrency, len(datas)), thread_name_prefix="judge")
+        futures = [pool.submit(self.ask, rubric, d) for d in datas]
+        done, _ = wait(futures, timeout=self.cfg.deadline)
+        pool.shutdown(wait=False, cancel_futures=True)  # a call still hanging ends with its own read timeout
+        late = Verdict(None, seconds=self.cfg.deadline,
+                       error=f"no answer within {self.cfg.deadline:g} s (JUDGE_DEADLINE)")
+        return [f.result() if f in done else late for f in futures]

@@ -11,8 +11,9 @@ import html
 import random
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from typing import Any
 
 from model.rubric import Dimension, Rubric, TextObject
@@ -64,8 +65,85 @@ def _lookup(data: dict[str, Any], key: str) -> Any:
     return current
 
 
+MAX_HTML_CHARS = 2_000_000  # a prompt holds a few thousand tokens; past this a HyperText field is not read at all
+_SIMPLE_TAG = re.compile(r"</?[A-Za-z][^<>]*>")  # applied to one '<'...'>' segment at a time: no backtracking blowup
+_HIDDEN = {"script", "style", "template", "head"}  # their contents are not text an annotator sees
+
+
+class _TextExtractor(HTMLParser):
+    """The visible text: each tag becomes a space (as the old regex did), entities decoded, script/style dropped."""
+
+    CDATA_CONTENT_ELEMENTS = ()  # script/style are hidden by handle_*; a CDATA mode would re-scan its buffer
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        self.hidden += tag in _HIDDEN
+        self.parts.append(" ")
+
+    def handle_endtag(self, tag: str) -> None:
+        self.hidden = max(0, self.hidden - (tag in _HIDDEN))
+        self.parts.append(" ")
+
+    def handle_data(self, data: str) -> None:
+        if not self.hidden:
+            self.parts.append(data)
+
+
+def _pieces(text: str) -> Iterator[tuple[str, str]]:
+    """("tag", "<b ...>") for complete, simple tags; ("text", ...) for everything else; markup as ("text", " ").
+
+    Linear: HTMLParser alone (like the old `<[^>]+>` regex, which froze a worker for 300 s on one 1 MB
+    /predict) goes quadratic on unclosed markup ("<a<a<a...", "<!--<!--..."). Here a '<' with another '<'
+    before the next '>' is text, a comment, doctype or processing instruction is dropped as markup, and each
+    '<' and '>' is looked for once, moving forward only.
+    """
+    start, pos, close, n = 0, 0, -1, len(text)
+    while pos < n:
+        lt = text.find("<", pos)
+        if lt < 0:
+            break
+        if close < lt:
+            close = text.find(">", lt)
+        if close < 0:  # no '>' anywhere after: the rest is text
+            break
+        if not text[lt + 1 : lt + 2].isalpha() and text[lt + 1 : lt + 2] not in ("/", "!", "?"):
+            pos = lt + 1  # "a < b": text
+            continue
+        after = text.find("<", lt + 1, close)
+        if after >= 0:  # another '<' before the '>': this one opens nothing
+            pos = after
+            continue
+        segment = text[lt : close + 1]
+        markup = segment[1:2] in ("!", "?")
+        if not markup and not _SIMPLE_TAG.fullmatch(segment):  # "3 < 4 > 2": text
+            pos = lt + 1
+            continue
+        if lt > start:
+            yield "text", text[start:lt]
+        yield ("text", " ") if markup else ("tag", segment)
+        start = pos = close + 1
+    if start < n:
+        yield "text", text[start:]
+
+
 def _strip_html(text: str) -> str:
-    return html.unescape(re.sub(r"<[^>]+>", " ", text))
+    """HyperText as the annotator reads it, in time linear in its length: HTMLParser reads each tag (its name
+    decides what is hidden), the text between tags is unescaped as it is."""
+    text = text[:MAX_HTML_CHARS]
+    if "<" not in text:
+        return html.unescape(text)
+    parser = _TextExtractor()
+    for kind, piece in _pieces(text):
+        if kind == "tag":
+            parser.feed(piece)
+        elif not parser.hidden:
+            parser.parts.append(html.unescape(piece))
+    parser.close()
+    return "".join(parser.parts)
 
 
 def object_text(obj: TextObject, data: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -121,6 +122,14 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _is_bounded_number(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and abs(value) <= MAX_NUMBER_MAGNITUDE
+
+
 def _fmt_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(round(x, 6))
 
@@ -141,19 +150,28 @@ def _parent_map(root: Element) -> dict[int, Element]:
     return {id(child): parent for parent in root.iter() for child in parent}
 
 
+MAX_NUMBER_MAGNITUDE = 1e15  # beyond this a float no longer holds every integer: the grid would not be exact
+
+
 def _number_values(node: Element) -> tuple[str, ...]:
-    lo, hi = node.get("min"), node.get("max")
-    if (lo is not None and not _is_number(lo)) or (hi is not None and not _is_number(hi)):
-        raise RubricError(f'<Number name="{node.get("name")}"> has a non-numeric min or max')
+    name = node.get("name")
+    lo, hi, raw_step = node.get("min"), node.get("max"), node.get("step")
+    for attr, text in (("min", lo), ("max", hi), ("step", raw_step)):
+        if text is not None and text.strip() and not _is_bounded_number(text):
+            raise RubricError(f'<Number name="{name}"> has {attr}={text[:40]!r}: a finite number of magnitude '
+                              f"at most {MAX_NUMBER_MAGNITUDE:g} is needed")
     if lo is None and hi is None:
-        raise RubricError(f'<Number name="{node.get("name")}"> needs min or max to be predicted')
+        raise RubricError(f'<Number name="{name}"> needs min or max to be predicted')
     # One bound missing: predict within 10 units of the other (documented in the README's limits).
     low = float(lo) if lo is not None else min(0.0, float(hi) - 10)  # type: ignore[arg-type]
     high = float(hi) if hi is not None else low + 10
-    step = float(node.get("step") or 1)
+    step = float(raw_step or 1)
     if high < low or step <= 0:
-        raise RubricError(f'<Number name="{node.get("name")}"> has an empty range min={lo} max={hi}')
-    count = round((high - low) / step) + 1
+        raise RubricError(f'<Number name="{name}"> has an empty range min={lo} max={hi}')
+    steps = (high - low) / step
+    if not math.isfinite(steps) or steps > MAX_NUMBER_MAGNITUDE or (step < 1e-9 and high > low):
+        raise RubricError(f'<Number name="{name}"> has step={raw_step!r} too small for min={lo} max={hi}')
+    count = round(steps) + 1
     if count <= MAX_NUMBER_VALUES:
         return tuple(_fmt_number(low + i * step) for i in range(count))
     stride = (count - 1) / (MAX_NUMBER_VALUES - 1)

@@ -37,8 +37,16 @@ def _prepare(settings: Settings) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
+    from backend.auth import AuthConfigError, check_posture
+
+    os.environ["BIND_HOST"] = args.host  # the app's auth posture depends on where it listens
     settings = load_settings()
     _logging(settings)
+    try:
+        check_posture(settings)
+    except AuthConfigError as exc:
+        print(f"slm-annotator serve: {exc}", file=sys.stderr)
+        return 2
     redis_url = _prepare(settings)
     prom = settings.model_dir / "prometheus"
     prom.mkdir(parents=True, exist_ok=True)
@@ -332,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # MODEL_DIR holds the store (Label Studio tokens), adapters, Redis' data: files 0600, folders 0700
+    os.umask(os.umask(0o077) | 0o077)
     return int(args.func(args))
 
 

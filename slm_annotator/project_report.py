@@ -67,9 +67,15 @@ def auto_boot(n_items: int) -> int:
     return AUTO_BOOT if n_items <= AUTO_BOOT_ITEMS else 0
 
 
+def pseudonymous(ratings: Ratings) -> Ratings:
+    """The human raters as "rater 1", "rater 2"... in first-seen order: their e-mails are for authenticated eyes."""
+    ratings.human = {f"rater {n}": by_item for n, by_item in enumerate(ratings.human.values(), 1)}
+    return ratings
+
+
 def build_project_report(store: Store, project_id: str, base_version: str, n_boot: int | None = None,
-                         seed: int = 0, prices: Prices | None = None) -> dict[str, Any]:
-    """Raises KeyError for an unknown project."""
+                         seed: int = 0, prices: Prices | None = None, hide_raters: bool = False) -> dict[str, Any]:
+    """Raises KeyError for an unknown project. hide_raters: annotators (e-mails) replaced by pseudonyms."""
     project = store.project(project_id)
     if project is None:
         raise KeyError(project_id)
@@ -80,6 +86,8 @@ def build_project_report(store: Store, project_id: str, base_version: str, n_boo
         ratings: Ratings | None = from_store(store, project_id)
     except RubricError as exc:
         ratings, report["agreement_reason"] = None, f"no usable label config yet: {exc}"
+    if ratings is not None and hide_raters:
+        ratings = pseudonymous(ratings)
     if ratings is not None:
         model = pick_model(ratings, served_version)
         boot = auto_boot(len(ratings.items)) if n_boot is None else n_boot

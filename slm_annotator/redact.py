@@ -1,4 +1,5 @@
-"""Secrets never reach a log line: every log record is rendered and scrubbed of the configured secret values.
+"""Secrets never reach a log line: every log record is rendered and scrubbed of the configured secret values,
+and its line breaks are escaped, so no request can write a line of its own (log injection).
 
 Defence in depth: no code logs a secret on purpose, but libraries put URLs, headers or SQL parameters into
 exception messages, and a traceback is logged as it is.
@@ -41,12 +42,21 @@ def scrub(text: str, secrets: Iterable[str] | None = None) -> str:
     return text
 
 
+_LINE_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r", "\x0b": "\\x0b", "\x0c": "\\x0c", "\x85": "\\x85",
+                              "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def one_line(text: str) -> str:
+    """Line breaks escaped: a URL path, a label-config name or a Basic-auth user must not forge a log line."""
+    return text.translate(_LINE_BREAKS)
+
+
 def _scrub_record(record: logging.LogRecord) -> None:
     try:
         message = record.getMessage()
     except Exception:  # a malformed record is the logging module's to report
         return
-    clean = scrub(message)
+    clean = one_line(scrub(message))  # tracebacks (exc_text) keep their lines: they come from our code
     if clean != message:
         record.msg, record.args = clean, ()
     if record.exc_info and not record.exc_text:
@@ -66,8 +76,7 @@ def install(settings: Settings) -> None:
 
         def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = previous(*args, **kwargs)
-            if _secrets:
-                _scrub_record(record)
+            _scrub_record(record)
             return record
 
         logging.setLogRecordFactory(factory)

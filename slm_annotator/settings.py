@@ -121,6 +121,7 @@ class Settings:
     judge_retries: int = 2
     judge_budget: float = 0.0
     judge_concurrency: int = 4
+    judge_deadline: float = 60.0
     price_judge_input: float = 2.5
     price_judge_output: float = 10.0
     price_slm_hour: float = 0.5
@@ -131,6 +132,9 @@ class Settings:
     head_every: int = 10  # HEAD_EVERY: retrain the embedding head after this many new labels (0: no heads)
     head_encoder: str = "all-MiniLM-L6-v2"  # HEAD_ENCODER: the frozen sentence encoder the heads read
     prefill_min_alpha: float | None = 0.2  # PREFILL_MIN_ALPHA: held-out alpha a dimension needs to be pre-filled
+    report_queue_limit: int = 1
+    outbound_deadline: float = 120.0
+    bind_host: str = "127.0.0.1"  # where `serve` listens (BIND_HOST, set from --host): not loopback needs auth
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -235,6 +239,7 @@ def load_settings() -> Settings:
         judge_retries=_env_int("JUDGE_RETRIES", 2),
         judge_budget=_env_float("JUDGE_BUDGET", 0.0),
         judge_concurrency=max(1, _env_int("JUDGE_CONCURRENCY", 4)),
+        judge_deadline=_env_float("JUDGE_DEADLINE", 60.0),
         price_judge_input=_env_float("PRICE_JUDGE_INPUT", 2.5),
         price_judge_output=_env_float("PRICE_JUDGE_OUTPUT", 10.0),
         price_slm_hour=_env_float("PRICE_SLM_HOUR", 0.5),
@@ -245,4 +250,7 @@ def load_settings() -> Settings:
         head_every=max(0, _env_int("HEAD_EVERY", 10)),
         head_encoder=_env("HEAD_ENCODER", "all-MiniLM-L6-v2"),
         prefill_min_alpha=_env_bar("PREFILL_MIN_ALPHA", 0.2),
+        report_queue_limit=max(1, _env_int("REPORT_QUEUE_LIMIT", 1)),
+        outbound_deadline=_env_float("OUTBOUND_DEADLINE", 120.0),
+        bind_host=_env("BIND_HOST", "127.0.0.1"),
     )

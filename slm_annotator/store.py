@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,11 +57,23 @@ class LabelIn:
     hard: bool = False
 
 
+def _private_file(path: Path) -> None:
+    """The SQLite store holds Label Studio tokens: its folder 0700 when created here, the file 0600 (SQLite gives
+    its -wal and -shm files the database file's mode). An existing file is tightened, never loosened."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    with contextlib.suppress(OSError):  # a file owned by someone else: theirs to fix
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            path.chmod(mode & 0o700)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if path and path != ":memory:" and "?" not in path and not path.startswith("file:"):
+            _private_file(Path(path))
         # hide_parameters: a database error's message (logged with its traceback) never carries label texts or
         # the Label Studio access token stored by /setup.
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)
@@ -115,6 +129,11 @@ _TOUCH_LABEL = (
     update(_ANNOTATIONS).where(_ANNOTATIONS.c.id == bindparam("row_id"))
     .values(ls_updated_at=bindparam("ls_updated_at"))
 )
+_TOMBSTONE = (
+    update(_ANNOTATIONS).where(_ANNOTATIONS.c.id == bindparam("row_id"))
+    .values(deleted=True, seq=bindparam("new_seq"), updated_at=bindparam("now"))
+)
+DELETE_BATCH = 500  # annotation ids per transaction of a bulk delete
 _LABEL_FIELDS = ("task_id", "annotator", "result", "values", "cancelled", "source", "ls_updated_at", "seq",
                  "updated_at")
 
@@ -266,28 +285,51 @@ class Store:
         return int(seq)
 
     def delete_labels(self, project_id: str, annotation_ids: list[int]) -> int:
-        """Marks deleted (a tombstone even if the create never arrived, so a late create stays dead)."""
+        """Marks deleted (a tombstone even if the create never arrived, so a late create stays dead).
+
+        In transactions of DELETE_BATCH ids: one transaction for 20,000 ids held SQLite's write lock for 31 s and
+        28 of 39 webhooks arriving meanwhile timed out (Label Studio waits 1 s). A waiting writer gets in between.
+        """
+        ids = list(dict.fromkeys(annotation_ids))
         changed = 0
-        with self.write_session() as s:
-            seq = self._lock_seq(s, project_id)
-            for ann_id in annotation_ids:
-                row = s.scalars(
-                    select(Annotation).where(
-                        Annotation.project_id == project_id, Annotation.annotation_id == ann_id
-                    )
-                ).first()
-                if row is None:
-                    row = Annotation(project_id=project_id, annotation_id=ann_id, ls_updated_at=utcnow())
-                    s.add(row)
-                elif row.deleted:
-                    continue
-                seq += 1
-                row.deleted = True
-                row.seq = seq
-                changed += 1
-            if changed:
-                s.execute(_SET_SEQ, {"p": project_id, "seq": seq})
+        for start in range(0, len(ids), DELETE_BATCH):
+            if start:
+                time.sleep(0.002)  # this process's write lock is not fair: let a waiting webhook take it
+            for attempt in range(3):
+                try:
+                    with self.write_session() as s:
+                        changed += self._delete_batch(s, project_id, ids[start : start + DELETE_BATCH])
+                    break
+                except IntegrityError:  # a concurrent creator of the project row or of a tombstone: again
+                    if attempt == 2:
+                        raise
         return changed
+
+    def _delete_batch(self, s: Session, project_id: str, ids: list[int]) -> int:
+        seq = self._lock_seq(s, project_id)
+        found = {r.annotation_id: r for r in s.execute(
+            select(_ANNOTATIONS.c.id, _ANNOTATIONS.c.annotation_id, _ANNOTATIONS.c.deleted).where(
+                _ANNOTATIONS.c.project_id == project_id, _ANNOTATIONS.c.annotation_id.in_(ids)))}
+        now, inserts, updates = utcnow(), [], []
+        for ann_id in ids:
+            row = found.get(ann_id)
+            if row is not None and row.deleted:
+                continue
+            seq += 1
+            if row is None:
+                inserts.append({"project_id": project_id, "annotation_id": ann_id, "task_id": None, "annotator": "",
+                                "result": [], "values": {}, "task_data": {}, "cancelled": False, "deleted": True,
+                                "hard": False, "source": "webhook", "ls_updated_at": now, "seq": seq,
+                                "created_at": now, "updated_at": now})
+            else:
+                updates.append({"row_id": row.id, "new_seq": seq, "now": now})
+        if inserts:
+            s.execute(_ANNOTATIONS.insert(), inserts)
+        if updates:
+            s.execute(_TOMBSTONE, updates)
+        if inserts or updates:
+            s.execute(_SET_SEQ, {"p": project_id, "seq": seq})
+        return len(inserts) + len(updates)
 
     def labels(self, project_id: str, include_inactive: bool = False) -> list[Annotation]:
         with self.session() as s:
@@ -369,6 +411,26 @@ class Store:
                 if project is not None and run.seq_snapshot > project.trained_seq:
                     project.trained_seq = run.seq_snapshot
                     project.training_requested = False
+
+    def record_run(self, project_id: str, trigger: str, status: str, error: str = "") -> TrainingRun:
+        """A run that is over as it starts (a failed sync): running runs are left alone, the watermark too."""
+        with self.write_session() as s:
+            _ensure_project(s, project_id)
+            now = utcnow()
+            run = TrainingRun(project_id=project_id, job_id=trigger, trigger=trigger, status=status, error=error,
+                              started_at=now, finished_at=now)
+            s.add(run)
+            s.flush()
+            return run
+
+    def latest_failures(self, limit: int = 20) -> list[TrainingRun]:
+        """Per project, its latest training run and its latest sync if they failed: /health's "degraded"."""
+        with self.session() as s:
+            # syncs apart: a training that ran on the stored labels does not make a failing sync good
+            latest = select(func.max(TrainingRun.id)).group_by(
+                TrainingRun.project_id, TrainingRun.trigger == "sync").scalar_subquery()
+            return list(s.scalars(select(TrainingRun).where(TrainingRun.id.in_(latest), TrainingRun.status == "failed")
+                                  .order_by(TrainingRun.finished_at).limit(limit)))
 
     def runs(self, project_id: str) -> list[TrainingRun]:
         with self.session() as s:

@@ -351,8 +351,9 @@ def test_a_request_waiting_on_the_judge_keeps_its_predict_slot(settings) -> None
                        judge_timeout=3.0, judge_retries=0)
     client = create_app(settings).test_client()
     client.post("/setup", json={"project": "61.1", "schema": CONFIG})
+    client.post("/setup", json={"project": "62.1", "schema": CONFIG, "extra_params": {"route": "none"}})
     body = {"project": "61.1", "tasks": [{"id": 1, "data": {"text": "sad"}}]}
-    quick = {**body, "params": {"extra_params": json.dumps({"route": "none"})}}
+    quick = {**body, "project": "62.1"}  # routing is a project's setting, never a request's
     assert client.post("/predict", json=quick).status_code == 200  # the model is loaded before the race
     first: list = []
     waiting = threading.Thread(target=lambda: first.append(client.post("/predict", json=body)))

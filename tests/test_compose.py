@@ -146,8 +146,11 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
 
 
 def _resolved_env(service: dict[str, Any]) -> dict[str, str]:
-    """The environment as compose would pass it with only WEBHOOK_SECRET set by the operator."""
-    return {k: interpolate(v, {"WEBHOOK_SECRET": "s3cret"}) for k, v in _env(service).items()}
+    """The environment as compose would pass it with only the required secrets set by the operator."""
+    return {k: interpolate(v, dict(REQUIRED)) for k, v in _env(service).items()}
+
+
+REQUIRED = {"WEBHOOK_SECRET": "s3cret", "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw"}
 
 
 def _networks(service: dict[str, Any]) -> set[str]:
@@ -245,25 +248,27 @@ def test_database_url_matches_postgres(services: dict[str, Any]) -> None:
         assert url.path.lstrip("/") == pg["POSTGRES_DB"]
     # an operator's password flows into both places
     raw_pg, raw_db = _env(services["postgres"])["POSTGRES_PASSWORD"], _env(services["backend"])["DATABASE_URL"]
-    env = {"WEBHOOK_SECRET": "x", "POSTGRES_PASSWORD": "Other9"}
+    env = {**REQUIRED, "POSTGRES_PASSWORD": "Other9"}
     assert interpolate(raw_pg, env) == urlsplit(interpolate(raw_db, env)).password == "Other9"
 
 
-def test_webhook_secret_is_required(services: dict[str, Any]) -> None:
+@pytest.mark.parametrize("key", sorted(REQUIRED))
+def test_webhook_secret_and_basic_auth_are_required(services: dict[str, Any], key: str) -> None:
+    """The backend binds 0.0.0.0 with a webhook secret: without basic auth it refuses to start (issue 17)."""
     for name in SLM_SERVICES:
-        raw = _env(services[name])["WEBHOOK_SECRET"]
-        assert re.fullmatch(r"\$\{WEBHOOK_SECRET:\?[^}]+\}", raw), raw
+        raw = _env(services[name])[key]
+        assert re.fullmatch(r"\$\{" + key + r":\?[^}]+\}", raw), raw
         with pytest.raises(KeyError):
             interpolate(raw, {})
         with pytest.raises(KeyError):
-            interpolate(raw, {"WEBHOOK_SECRET": ""})
-        assert interpolate(raw, {"WEBHOOK_SECRET": "abc"}) == "abc"
+            interpolate(raw, {key: ""})
+        assert interpolate(raw, {key: "abc"}) == "abc"
 
 
 def test_optional_credentials_default_to_empty(services: dict[str, Any]) -> None:
-    """Empty means off (basic auth) or 'use the token from /setup' (API key): never a placeholder value."""
+    """Empty means 'use the token from /setup' (API key): never a placeholder value."""
     env = _resolved_env(services["backend"])
-    for key in ("LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
+    for key in ("LABEL_STUDIO_API_KEY",):
         assert env.get(key) == "", (key, env.get(key))
         assert interpolate(_env(services["backend"])[key], {key: "given"}) == "given"
 

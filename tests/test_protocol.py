@@ -140,13 +140,15 @@ def test_webhook_acknowledges_every_action(client) -> None:
 def test_basic_auth_guards_every_endpoint(settings, embedded_redis_url) -> None:
     app = create_app(replace(settings, redis_url=embedded_redis_url, basic_auth_user="u", basic_auth_pass="p"))
     client = app.test_client()
-    for path in ["/health", "/metrics"]:
+    for path in ["/metrics", "/versions/1"]:
         assert client.get(path).status_code == 401
     assert client.post("/setup", json={}).status_code == 401
     bad = {"Authorization": "Basic " + base64.b64encode(b"u:wrong").decode()}
-    assert client.get("/health", headers=bad).status_code == 401
+    assert client.get("/metrics", headers=bad).status_code == 401
+    assert "base_model" not in client.get("/health", headers=bad).json  # open, but says nothing more
     good = {"Authorization": "Basic " + base64.b64encode(b"u:p").decode()}
-    assert client.get("/health", headers=good).status_code == 200
+    assert client.get("/metrics", headers=good).status_code == 200
+    assert "base_model" in client.get("/health", headers=good).json
 
 
 def test_metrics_exposes_requests_latency_and_predictions(client) -> None:

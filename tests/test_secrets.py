@@ -113,9 +113,9 @@ def test_no_secret_in_logs_or_metrics_in_process(settings, monkeypatch, caplog, 
     client = app.test_client()
     svc = app.extensions["slm"]
 
-    assert client.get("/health").status_code == 401
-    assert client.get("/health", headers=_auth(PASSWORD + "x")).status_code == 401
-    assert client.get("/health", headers=_auth()).status_code == 200  # the password works
+    assert client.get("/versions/51").status_code == 401
+    assert client.get("/versions/51", headers=_auth(PASSWORD + "x")).status_code == 401
+    assert client.get("/versions/51", headers=_auth()).status_code == 200  # the password works
     reply = client.post("/setup", headers=_auth(), json={"project": "51.1", "schema": CONFIG,
                                                          "hostname": "http://ls", "access_token": LS_TOKEN})
     assert reply.status_code == 200
@@ -164,8 +164,8 @@ def test_no_secret_in_the_logs_of_a_real_server_and_worker(tmp_path: Path, tiny_
     backend = BackendProcess(tmp_path / "model_dir", env, auth=(USER, PASSWORD), startup_timeout=180)
     with backend:
         url = backend.url
-        assert requests.get(f"{url}/health", timeout=10).status_code == 401
-        assert requests.get(f"{url}/health", auth=(USER, "wrong"), timeout=10).status_code == 401
+        assert requests.get(f"{url}/versions/52", timeout=10).status_code == 401
+        assert requests.get(f"{url}/versions/52", auth=(USER, "wrong"), timeout=10).status_code == 401
         assert requests.get(f"{url}/health?token={PASSWORD[:-1]}", auth=(USER, PASSWORD), timeout=10).ok
         backend.post("/setup", json={"project": "52.1", "schema": CONFIG, "access_token": LS_TOKEN,
                                      "hostname": "http://ls"})
@@ -185,7 +185,7 @@ def test_no_secret_in_the_logs_of_a_real_server_and_worker(tmp_path: Path, tiny_
         assert runs and runs[-1]["status"] in {"promoted", "refused", "skipped"}, runs
         metrics = requests.get(f"{url}/metrics", auth=(USER, PASSWORD), timeout=10).text
     log = backend.log_text()
-    assert '"GET /health' in log and "401" in log, "the gunicorn access log must be in the captured output"
+    assert '"GET /versions/52' in log and "401" in log, "the gunicorn access log must be in the captured output"
     assert "Label Studio refused the API key" in log  # the worker's sync ran and logged its failure
     assert _LabelStudioStub.seen and all(h == f"Token {API_KEY}" for h in _LabelStudioStub.seen)
     _assert_clean(log, "the server and worker log")

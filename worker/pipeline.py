@@ -29,6 +29,7 @@ from model.members import member_dir, member_of, member_paths
 from model.plan import DimPlan, Plan, choose
 from model.rubric import RubricError, parse_label_config
 from model.training import TrainConfig, TrainStats, config_dict, save_adapter, train_adapter
+from slm_annotator import project_settings
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
@@ -50,7 +51,7 @@ class RunOutcome:
 
 def train_config(settings: Settings, extra: dict[str, Any]) -> TrainConfig:
     """Global defaults from the environment; a project may override through extra_params['training']."""
-    overrides = extra.get("training") if isinstance(extra.get("training"), dict) else {}
+    overrides = project_settings.stored(extra).training_overrides()  # bounded, validated at /setup
     base = TrainConfig(
         epochs=settings.train_epochs, lr=settings.train_lr, batch_size=settings.train_batch_size,
         micro_batch_size=settings.train_micro_batch, lora_layers=settings.lora_layers,
@@ -61,7 +62,7 @@ def train_config(settings: Settings, extra: dict[str, Any]) -> TrainConfig:
         targets=settings.lora_targets, token_dropout=settings.token_dropout,
         token_dropout_share=settings.token_dropout_share, seed=settings.seed, max_tokens=settings.max_prompt_tokens,
     )
-    allowed = {k: v for k, v in overrides.items() if k in config_dict(base) and k != "targets"}
+    allowed = {k: v for k, v in overrides.items() if k in config_dict(base)}
     return TrainConfig(**{**config_dict(base), **allowed})
 
 

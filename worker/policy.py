@@ -14,6 +14,7 @@ from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 
+from slm_annotator import project_settings
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
 
@@ -22,7 +23,7 @@ QUEUE_NAME = "slm-annotator"
 HEAD_QUEUE = "slm-annotator-heads"  # seconds-long head trainings: their own worker, never behind an adapter run
 QUEUES = {"training": (QUEUE_NAME,), "heads": (HEAD_QUEUE,), "all": (HEAD_QUEUE, QUEUE_NAME)}  # worker --queue
 ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
-MAX_MEMBERS = 8  # ensemble members: each is a trained adapter and a forward pass per task
+MAX_MEMBERS = project_settings.MAX_MEMBERS  # ensemble members: each is a trained adapter and a forward pass per task
 ACTIVE_CACHE_SECONDS = 2.0  # a burst of webhooks while a job is queued or running skips the Redis round trips
 
 
@@ -34,46 +35,33 @@ def head_job_id(project_id: str) -> str:
     return f"head-{project_id}"
 
 
-def _positive_int(extra_params: dict[str, Any] | None, key: str, default: int) -> int:
-    """A project's override from Label Studio's extra params; a value that is not a number keeps the default."""
-    raw = (extra_params or {}).get(key)
-    try:
-        return max(1, int(raw)) if raw is not None else default
-    except (TypeError, ValueError):
-        return default
-
-
 def threshold_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
-    return _positive_int(extra_params, "train_threshold", settings.train_threshold)
+    value = project_settings.stored(extra_params).train_threshold
+    return settings.train_threshold if value is None else value
 
 
 def members_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
     """k, the ensemble size (ENSEMBLE, extra_params "ensemble" per project): adapters trained, members voting."""
-    return min(_positive_int(extra_params, "ensemble", settings.ensemble), MAX_MEMBERS)
+    return min(project_settings.stored(extra_params).ensemble or settings.ensemble, MAX_MEMBERS)
 
 
 def head_every_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
     """New labels between two head trainings (HEAD_EVERY, extra_params "head_every"); 0: no heads."""
     if settings.head_every <= 0:
         return 0
-    return _positive_int(extra_params, "head_every", settings.head_every)
+    return project_settings.stored(extra_params).head_every or settings.head_every
 
 
 def prefill_bar_for(settings: Settings, extra_params: dict[str, Any] | None) -> float | None:
-    """The alpha a dimension needs to be pre-filled (extra_params "prefill_min_alpha", "none": no bar)."""
-    raw = (extra_params or {}).get("prefill_min_alpha", settings.prefill_min_alpha)
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() in {"none", "off"}):
-        return None
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        return settings.prefill_min_alpha
-    return value if -1.0 <= value <= 1.0 else settings.prefill_min_alpha
+    """The alpha a dimension needs to be pre-filled (extra_params "prefill_min_alpha"; -1 pre-fills every
+    measured dimension); None: no bar (PREFILL_MIN_ALPHA=none)."""
+    value = project_settings.stored(extra_params).prefill_min_alpha
+    return settings.prefill_min_alpha if value is None else value
 
 
 def pool_size_for(settings: Settings, extra_params: dict[str, Any] | None) -> int:
     """beta: hard samples that start a continual fine-tuning run (extra_params "hard_pool_size" per project)."""
-    return _positive_int(extra_params, "hard_pool_size", settings.hard_pool_size)
+    return project_settings.stored(extra_params).hard_pool_size or settings.hard_pool_size
 
 
 def pool_due(settings: Settings, store: Store, project_id: str, project: Any = None) -> bool:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import requests
 
-from backend.payloads import annotator_of, parse_time
+from backend.errors import ApiError
+from backend.payloads import annotator_of, label_studio_url, parse_time
 from model.results import values_from_result
 from model.rubric import RubricError, parse_label_config
 from slm_annotator.settings import Settings
@@ -22,15 +25,23 @@ class SyncError(RuntimeError):
     """Label Studio could not be reached or refused us; the message says which and how to fix it."""
 
 
+MAX_REPLY_BYTES = 512 * 1024 * 1024  # an export larger than this is refused, not held in memory
+
+
 @dataclass
 class LabelStudioClient:
     """Legacy tokens go as `Token X`; personal access tokens (JWT refresh tokens) are exchanged for
-    a 5-minute access token, refreshed as needed."""
+    a 5-minute access token, refreshed as needed.
+
+    Every call has a total deadline (OUTBOUND_DEADLINE) on top of the per-read `timeout` (OUTBOUND_TIMEOUT): a
+    Label Studio that drips a byte every few seconds hung a sync, and the worker with it, for minutes.
+    """
 
     url: str
     token: str
     timeout: float = 10.0
     session: requests.Session = field(default_factory=requests.Session)
+    deadline: float = 120.0
     _access: str = ""
     _access_until: float = 0.0
 
@@ -38,40 +49,115 @@ class LabelStudioClient:
         if not self.token.startswith("eyJ"):
             return {"Authorization": f"Token {self.token}"}
         if time.monotonic() >= self._access_until:
-            reply = self.session.post(f"{self.url}/api/token/refresh/", json={"refresh": self.token},
-                                      timeout=self.timeout)
-            if reply.status_code != 200:
-                raise SyncError(f"Label Studio refused the personal access token ({reply.status_code})")
-            self._access = reply.json()["access"]
+            status, body = self._call("POST", "/api/token/refresh/", json={"refresh": self.token})
+            if status != 200:
+                raise SyncError(f"Label Studio refused the personal access token ({status})")
+            access = _json(body, "/api/token/refresh/")
+            if not isinstance(access, dict) or not isinstance(access.get("access"), str):
+                raise SyncError("Label Studio's token refresh answered without an access token")
+            self._access = access["access"]
             self._access_until = time.monotonic() + 240
         return {"Authorization": f"Bearer {self._access}"}
 
-    def get(self, path: str, **params: Any) -> Any:
+    def _call(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
+        """(status, body) within `deadline` seconds in all: the request runs in a helper thread, which reads the
+        body as it arrives and gives up at the deadline; a caller never waits longer."""
+        until = time.monotonic() + self.deadline
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                out["reply"] = self._fetch(method, path, until, **kwargs)
+            except BaseException as exc:  # handed to the caller
+                out["error"] = exc
+
+        helper = threading.Thread(target=run, name="label-studio-call", daemon=True)
+        helper.start()
+        helper.join(self.deadline + 1.0)
+        if helper.is_alive() or isinstance(out.get("error"), _DeadlineExceeded):
+            raise SyncError(f"Label Studio at {self.url} did not answer {path} within {self.deadline:g} s "
+                            "(OUTBOUND_DEADLINE)")
+        error = out.get("error")
+        if isinstance(error, requests.RequestException):
+            raise SyncError(f"Label Studio at {self.url} is unreachable: {type(error).__name__}") from error
+        if error is not None:
+            raise error
+        return out["reply"]
+
+    def _fetch(self, method: str, path: str, until: float, **kwargs: Any) -> tuple[int, bytes]:
+        reply = self.session.request(method, f"{self.url}{path}", timeout=self.timeout, stream=True, **kwargs)
         try:
-            reply = self.session.get(f"{self.url}{path}", params=params, headers=self._auth(), timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise SyncError(f"Label Studio at {self.url} is unreachable: {type(exc).__name__}") from exc
-        if reply.status_code in (401, 403):
-            raise SyncError(f"Label Studio refused the API key ({reply.status_code}); check LABEL_STUDIO_API_KEY")
-        if reply.status_code != 200:
-            raise SyncError(f"Label Studio answered {reply.status_code} for {path}")
-        return reply.json()
+            body = bytearray()
+            while True:
+                if time.monotonic() > until:
+                    raise _DeadlineExceeded
+                chunk = reply.raw.read1(65536, decode_content=True)  # what has arrived, not a full 64 KB
+                if not chunk:
+                    return reply.status_code, bytes(body)
+                body += chunk
+                if len(body) > MAX_REPLY_BYTES:
+                    raise SyncError(f"Label Studio's answer to {path} is larger than {MAX_REPLY_BYTES} bytes")
+        finally:
+            reply.close()
+
+    def get(self, path: str, **params: Any) -> Any:
+        status, body = self._call("GET", path, params=params, headers=self._auth())
+        if status in (401, 403):
+            raise SyncError(f"Label Studio refused the API key ({status}); check LABEL_STUDIO_API_KEY")
+        if status != 200:
+            raise SyncError(f"Label Studio answered {status} for {path}")
+        return _json(body, path)
+
+
+class _DeadlineExceeded(Exception):
+    pass
+
+
+def _json(body: bytes, path: str) -> Any:
+    """A 200 that is not JSON (a proxy's login page) is a SyncError like any other, not a crash of the job."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        start = body[:60].decode("utf-8", "replace")
+        raise SyncError(f"Label Studio answered {path} with something that is not JSON ({start!r}...): a proxy or "
+                        "login page in front of it? Check LABEL_STUDIO_URL") from None
 
 
 def client_for(settings: Settings, store: Store, project_id: str) -> LabelStudioClient:
     project = store.project(project_id)
     url = settings.label_studio_url or (project.hostname.rstrip("/") if project else "")
+    if url and not settings.label_studio_url:
+        try:  # stored before /setup checked it: a query or credentials in it would pick what sync requests
+            url = label_studio_url(url)
+        except ApiError as exc:
+            raise SyncError(f"stored Label Studio address refused ({exc.message}); set LABEL_STUDIO_URL") from None
     token = settings.label_studio_api_key or (project.access_token if project else "")
     if not url or not token:
         raise SyncError(
             "no Label Studio credentials: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or connect the backend "
             "in Label Studio so /setup passes its hostname and access token"
         )
-    return LabelStudioClient(url, token, settings.outbound_timeout)
+    return LabelStudioClient(url, token, settings.outbound_timeout, deadline=settings.outbound_deadline)
 
 
 def sync_project(settings: Settings, store: Store, project_id: str) -> dict[str, int]:
-    """Idempotent: labels already stored with the same or newer updated_at are left alone."""
+    """Idempotent: labels already stored with the same or newer updated_at are left alone.
+
+    Recorded as a run (trigger "sync", status "synced" or "failed"): a failure shows in /versions, the report,
+    /metrics and /health until a sync succeeds, where a sync that failed 29 times in an hour left no trace."""
+    try:
+        counts = _sync(settings, store, project_id)
+    except SyncError as exc:
+        try:
+            store.record_run(project_id, "sync", "failed", error=f"sync from Label Studio failed: {exc}")
+        except Exception:
+            log.exception("could not record the failed sync of project %s", project_id)
+        raise
+    store.record_run(project_id, "sync", "synced", error=f"{counts['annotations']} annotations, {counts['stored']} new")
+    return counts
+
+
+def _sync(settings: Settings, store: Store, project_id: str) -> dict[str, int]:
     client = client_for(settings, store, project_id)
     info = client.get(f"/api/projects/{project_id}")
     config = info.get("label_config") or ""
