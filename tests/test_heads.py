@@ -188,6 +188,9 @@ def test_labels_by_webhook_get_a_head_served_then_the_adapter_run_chooses_per_di
     assert serving["sentiment"] == {"source": "head", "alpha": pytest.approx(serving["sentiment"]["alpha"]),
                                     "prefill": True} and serving["sentiment"]["alpha"] > 0.8
     assert serving["noise"]["prefill"] is False
+    page = client.get("/report/8").get_data(as_text=True)
+    assert "What is served" in page and "no: below the bar" in page
+    assert client.post("/setup", json={"project": "8.1", "schema": TWO_DIMS}).json["prefilled"] == ["sentiment"]
     # The adapter run: its gate chooses per dimension among the head, the adapter and their blend.
     outcome = run_training(settings, store, "8", store.start_run("8", "inline", "test").id)
     assert outcome.status in {"promoted", "refused"}, outcome.detail
