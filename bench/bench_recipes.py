@@ -119,7 +119,15 @@ def _devset(name: str) -> Any:
     return load_devset(name)
 
 
-def make_task(name: str, seed: int, max_train: int, ge_train: int, ge_test: int) -> Task:
+def make_task(name: str, seed: int, max_train: int, ge_train: int, ge_test: int, max_test: int = 0) -> Task:
+    task = _make_task(name, seed, max_train, ge_train, ge_test)
+    if max_test and len(task.test) > max_test:  # smoke runs only: the benchmark scores every test item
+        task.test = task.test[:max_test]
+        task.split["max_test"] = max_test
+    return task
+
+
+def _make_task(name: str, seed: int, max_train: int, ge_train: int, ge_test: int) -> Task:
     if name.startswith("lewidi:"):
         short = name.split(":", 1)[1]
         train_ds, test_ds = _lewidi(short, "train"), _lewidi(short, "dev")
@@ -321,7 +329,7 @@ class Context:
 def run_one(ctx: Context, name: str, seed: int) -> dict[str, Any]:
     args = ctx.args
     t0 = time.perf_counter()
-    task = make_task(name, seed, args.max_train, args.goemotions_train, args.goemotions_test)
+    task = make_task(name, seed, args.max_train, args.goemotions_train, args.goemotions_test, args.max_test)
     rubric, train, test = task.rubric, task.train, task.test
     timings: dict[str, float] = {}
     methods: dict[str, dict[str, Any]] = {}
@@ -420,6 +428,31 @@ def adapter_and_default(ctx: Context, task: Task, x_train: np.ndarray, x_test: n
         "plan": plan.to_dict(),
     })
     return out
+
+
+def product_train_config(settings: Any) -> Any:
+    """The worker's TrainConfig for a project without overrides (worker.pipeline.train_config). Where the
+    worker's own imports (SQLAlchemy, Redis, RQ) are not installed, e.g. on a bare GPU machine, the same fields
+    are filled here; where both are importable they are checked equal."""
+    from model.training import TrainConfig
+
+    cfg = TrainConfig(
+        epochs=settings.train_epochs, lr=settings.train_lr, batch_size=settings.train_batch_size,
+        micro_batch_size=settings.train_micro_batch, lora_layers=settings.lora_layers,
+        class_balance=settings.train_class_balance, ordinal_loss=settings.train_ordinal_loss,
+        label_mode=settings.train_label_mode, val_fraction=settings.train_val_fraction,
+        patience=settings.train_patience, lora_r=settings.lora_r, lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout, targets=settings.lora_targets, token_dropout=settings.token_dropout,
+        token_dropout_share=settings.token_dropout_share, seed=settings.seed, max_tokens=settings.max_prompt_tokens,
+    )
+    try:
+        from worker.pipeline import train_config
+    except ImportError:
+        return cfg
+    worker_cfg = train_config(settings, {})
+    if worker_cfg != cfg:
+        raise RuntimeError(f"bench's copy of the worker's TrainConfig is stale: {worker_cfg} != {cfg}")
+    return worker_cfg
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:
@@ -562,6 +595,8 @@ def merge(folders: Sequence[Path], label: str, out_root: Path) -> dict[str, Any]
     by_key: dict[tuple[str, int], dict[str, Any]] = {}
     sources = []
     for folder in folders:
+        if not (folder / "results.json").is_file():  # a part that had not finished one set and seed
+            continue
         src = json.loads((folder / "results.json").read_text())
         sources.append({"folder": str(folder), "label": src["label"], "machine": src["machine"],
                         "methods": src["methods"], "started": src["started"]})
@@ -590,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sets", nargs="+", default=list(SETS), help="dev sets (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max-train", type=int, default=500, help="training items at most (per set and seed)")
+    p.add_argument("--max-test", type=int, default=0, help="smoke runs: score only the first N test items")
     p.add_argument("--goemotions-train", type=int, default=500)
     p.add_argument("--goemotions-test", type=int, default=300)
     p.add_argument("--slm-features", action="store_true", help="also the head on the SLM's hidden states")
@@ -615,7 +651,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from slm_annotator.settings import load_settings
-    from worker.pipeline import train_config
 
     settings = load_settings()
     args.device_is_cuda = settings.device != "cpu" and torch.cuda.is_available()
@@ -624,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     label = args.label or ("-".join(methods[1:-1]) + ("-gpu" if args.device_is_cuda else "-cpu"))
     folder = args.out_root / label
     ctx = Context(args, settings, CachedEncoder(SentenceEncoder(DEFAULT_ENCODER), CACHE / DEFAULT_ENCODER),
-                  cfg=train_config(settings, {}))
+                  cfg=product_train_config(settings))
     result: dict[str, Any] = {
         "label": label, "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv), "machine": machine_info("cuda" if args.device_is_cuda else "cpu"),
