@@ -13,6 +13,7 @@ SEEDS=${SEEDS:-0 1 2}
 SETS=${SETS:-usr summeval lewidi:HS-Brexit lewidi:MD-Agreement lewidi:ConvAbuse lewidi:ArMIS goemotions}
 FLAGS=${FLAGS:---slm-features --base --adapter}
 PARTS=${PARTS:-/tmp/recipes-parts}
+ADAPTER_PARTS=${ADAPTER_PARTS:-}  # e.g. "usr-0 usr-1": only these (set-seed) parts also get --adapter
 export MODEL_DIR=${MODEL_DIR:-/tmp/model_dir} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" "$PARTS" "$PARTS/logs"
 start=$(date +%s)
@@ -23,8 +24,10 @@ for name in $SETS; do
   for seed in $SEEDS; do
     part="${name//:/-}-$seed"
     if [ -f "$PARTS/$part/results.json" ] && grep -q '"finished"' "$PARTS/$part/results.json"; then continue; fi
+    flags=$FLAGS
+    case " $ADAPTER_PARTS " in *" $part "*) flags="$FLAGS --adapter" ;; esac
     # shellcheck disable=SC2086
-    timeout "$((LIMIT - $(date +%s) + start))" python3 bench/bench_recipes.py --sets "$name" --seeds "$seed" $FLAGS \
+    timeout "$((LIMIT - $(date +%s) + start))" python3 bench/bench_recipes.py --sets "$name" --seeds "$seed" $flags \
       --threads 1 --label "$part" --out-root "$PARTS" > "$PARTS/logs/$part.log" 2>&1 &
   done
 done
