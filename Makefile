@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 9090
 
-.PHONY: install run test lint bench e2e clean
+.PHONY: install run test lint bench bench-recipes e2e clean
 
 $(BIN)/slm-annotator: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/bench_predict.py
+
+bench-recipes: install  ## majority + embedding head on every dev set, 3 seeds; FLAGS="--slm-features --base --adapter" adds the SLM
+	$(BIN)/python bench/bench_recipes.py $(FLAGS)
 
 clean:
 	rm -rf $(VENV) .cache model_dir

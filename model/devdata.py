@@ -220,6 +220,69 @@ def load_usr_personachat() -> DevSet:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# SummEval consistency (100 summaries, 3 experts each)
+
+SUMMEVAL_FILE = ("summeval", "summeval_consistency_100_perrater.json")
+SUMMEVAL_RATERS = ("expert1", "expert2", "expert3")
+SUMMEVAL_DIMENSION = "consistency"
+
+
+def _summeval_config() -> str:
+    question = (
+        "Consistency (1-5): is every fact in the summary supported by the article? "
+        "1 = many hallucinated or contradicted facts, 5 = fully consistent"
+    )
+    return "\n".join(
+        [
+            "<View>",
+            '  <Header value="Article"/>',
+            '  <Text name="document" value="$document"/>',
+            '  <Header value="Summary to rate"/>',
+            '  <Text name="summary" value="$summary"/>',
+            f"  <Header value={quoteattr(question)}/>",
+            f'  <Rating name="{SUMMEVAL_DIMENSION}" toName="summary" maxRating="5" required="true"/>',
+            "</View>",
+        ]
+    )
+
+
+def load_summeval() -> DevSet:
+    """SummEval consistency: 100 CNN/DM summaries (systems M11, M13), 3 experts' 1-5 scores each (ordinal).
+
+    The SummaC packaging lists the experts' scores in the same expert order for every item, so the raters are
+    named by position. One item per article here; the article id is the group all the same.
+    """
+    raw: dict[str, dict] = json.loads(_data_file(*SUMMEVAL_FILE).read_text(encoding="utf-8"))
+    items: list[DevItem] = []
+    for key, row in raw.items():
+        scores = row["annotations"]
+        if len(scores) != len(SUMMEVAL_RATERS):
+            raise ValueError(f"SummEval item {key}: {len(scores)} scores for {len(SUMMEVAL_RATERS)} experts")
+        if any(int(s) != s or not 1 <= int(s) <= 5 for s in scores):
+            raise ValueError(f"SummEval item {key}: scores {scores} outside 1..5")
+        ratings: dict[str, dict[str, RatingValue]] = {
+            rater: {SUMMEVAL_DIMENSION: int(s)} for rater, s in zip(SUMMEVAL_RATERS, scores, strict=True)
+        }
+        items.append(
+            DevItem(
+                item_id=key,
+                group=str(row.get("cnndm_id") or key),
+                data={"document": str(row["document"]).strip(), "summary": str(row["claim"]).strip()},
+                ratings=ratings,
+                meta={"system": str(row.get("model_name", "")), "label": str(row.get("label", ""))},
+            )
+        )
+    return DevSet(
+        "summeval-consistency",
+        _summeval_config(),
+        items,
+        {SUMMEVAL_DIMENSION: "ordinal"},
+        {SUMMEVAL_DIMENSION: tuple(str(v) for v in range(1, 6))},
+        notes="Fabbri et al. 2021, SummaC packaging: 100 summaries, 3 experts (named by position).",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
 # LeWiDi 2023
 
 

@@ -19,7 +19,7 @@ import torch
 
 from model.agreement import consensus, dimension_report, expected_calibration_error
 from model.dataset import Example
-from model.devdata import DevSet, fixed_split, load_goemotions, load_lewidi, load_usr_personachat
+from model.devdata import DevSet, fixed_split, load_goemotions, load_lewidi, load_summeval, load_usr_personachat
 from model.evaluate import scale_value
 from model.loader import load_base
 from model.prompt import PromptBuilder
@@ -29,14 +29,16 @@ from model.training import TrainConfig, train_adapter
 
 
 def load_devset(name: str) -> DevSet:
-    """usr | goemotions | lewidi:<MD-Agreement|HS-Brexit|ConvAbuse|ArMIS>."""
+    """usr | summeval | goemotions | lewidi:<MD-Agreement|HS-Brexit|ConvAbuse|ArMIS>."""
     if name == "usr":
         return load_usr_personachat()
+    if name == "summeval":
+        return load_summeval()
     if name == "goemotions":
         return load_goemotions()
     if name.startswith("lewidi:"):
         return load_lewidi(name.split(":", 1)[1])
-    raise ValueError(f"unknown dev set {name!r}: usr, goemotions or lewidi:<name>")
+    raise ValueError(f"unknown dev set {name!r}: usr, summeval, goemotions or lewidi:<name>")
 
 
 def examples_of(ds: DevSet, items: Sequence[Any]) -> list[Example]:

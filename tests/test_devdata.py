@@ -11,6 +11,7 @@ from model.devdata import (
     fixed_split,
     load_goemotions,
     load_lewidi,
+    load_summeval,
     load_usr_personachat,
 )
 
@@ -32,6 +33,8 @@ def test_missing_data_names_the_path(monkeypatch: pytest.MonkeyPatch, tmp_path) 
         load_usr_personachat()
     with pytest.raises(FileNotFoundError, match=r"HS-Brexit_dev\.json"):
         load_lewidi("HS-Brexit", "dev")
+    with pytest.raises(FileNotFoundError, match=r"summeval_consistency_100_perrater\.json"):
+        load_summeval()
 
 
 def test_fixed_split_is_by_group_and_deterministic() -> None:
@@ -127,6 +130,31 @@ def test_lewidi_loads(name: str, n_train: int, raters_per_item: set[int]) -> Non
         assert ds.levels[dim] == "ordinal" and ds.value_domain(dim) == [-3, -2, -1, 0, 1]
         train, test = fixed_split(ds.items, 0.2)
         assert not {i.group for i in train} & {i.group for i in test}
+
+
+@needs_data
+def test_summeval_consistency_per_expert() -> None:
+    _need(*devdata.SUMMEVAL_FILE)
+    ds = load_summeval()
+    assert len(ds.items) == 100 and len({i.item_id for i in ds.items}) == 100
+    assert ds.raters() == ["expert1", "expert2", "expert3"]
+    assert all(len(i.ratings) == 3 for i in ds.items)
+    assert ds.items[0].item_id == "summeval_0" and ds.items[0].ratings["expert1"] == {"consistency": 1}
+    assert set(ds.items[0].data) == {"document", "summary"}
+    assert ds.levels == {"consistency": "ordinal"} and ds.value_domain("consistency") == [1, 2, 3, 4, 5]
+    assert sum(1 for i in ds.items if all(v["consistency"] == 5 for v in i.ratings.values())) == 54
+    _, matrix = ds.matrix("consistency")
+    assert alpha(matrix, "ordinal", ds.value_domain("consistency")).value == pytest.approx(0.90, abs=0.01)
+    from model.experiment import load_devset, split_devset
+    from model.rubric import parse_label_config
+
+    rubric = parse_label_config(ds.label_config)
+    (dim,) = rubric.dimensions
+    assert (dim.key, dim.level, dim.values) == ("consistency", "ordinal", ("1", "2", "3", "4", "5"))
+    assert [o.name for o in rubric.objects] == ["document", "summary"]
+    split = split_devset(load_devset("summeval"), 1 / 3, 0)
+    assert len(split.test) == 33 and len(split.train) == 67
+    assert split.train[0].ratings["expert1"]["consistency"] in dim.values
 
 
 @needs_data
