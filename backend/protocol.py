@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -12,8 +11,9 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from backend import metrics
 from backend.errors import ApiError
-from backend.payloads import INT64, clean_text, int64, json_body, label_from, label_studio_url, project_id
-from backend.routing import Routed, route_predictions, routing_policy
+from backend.payloads import clean_text, int64, json_body, label_from, label_studio_url, project_id
+from backend.predicting import predict_cached
+from backend.routing import routing_policy
 from backend.services import Services, base_version, cached_rubric
 from model.prompt import TaskDataError
 from model.results import values_from_result
@@ -189,12 +189,9 @@ def predict() -> Any:
         metrics.REJECTED.inc()
         raise ApiError(503, "overloaded: too many predictions in flight (PREDICT_QUEUE_LIMIT); retry later")
     policy = routing_policy(svc.settings, extra)
-    started = time.perf_counter()
+    decoding = str(extra.get("decoding", "argmax"))
     try:  # the slot covers the judge calls too: a thread waiting on the judge must not take a webhook's place
-        preds = svc.annotator.predict(rubric, tasks, served, bar, policy.members,
-                                      str(extra.get("decoding", "argmax")))
-        routed = route_predictions(rubric, tasks, preds, policy, svc.judge(), svc.store if pid else None,
-                                   pid or "", svc.settings, time.perf_counter() - started)
+        scored = predict_cached(svc, pid or "", rubric, config, extra, tasks, served, bar, policy, decoding)
     except TaskDataError as exc:
         raise ApiError(422, str(exc)) from exc
     except ModelUnavailable as exc:
@@ -205,30 +202,11 @@ def predict() -> Any:
     base = svc.model.loaded
     if base is not None:
         metrics.MODEL_LOAD.set(base.load_seconds)
-    metrics.PREDICTIONS.labels(pid or "none").inc(len(preds))
-    if pid:
-        _record(svc, pid, rubric, tasks, preds, routed)
-        if any(r.route == "judge" for r in routed):
-            svc.trigger.maybe_train(pid)  # the judge's answers fill the hard-sample pool
-    return jsonify(
-        results=[{"result": r.result, "score": r.score, "model_version": p.model_version}
-                 for r, p in zip(routed, preds, strict=True)],
-        model_version=version,
-    )
-
-
-def _record(svc: Services, pid: str, rubric: Rubric, tasks: list[Any], preds: list[Any], routed: list[Routed]) -> None:
-    rows = []
-    for task, pred, r in zip(tasks, preds, routed, strict=True):
-        task_id = task.get("id")
-        if isinstance(task_id, int) and not isinstance(task_id, bool) and -INT64 <= task_id < INT64:
-            values = values_from_result(rubric, r.result)
-            rows.append({"task_id": task["id"], "model_version": pred.model_version, "values": values,
-                         "score": r.score, "uncertainty": r.uncertainty, "route": r.route})
-    try:
-        svc.store.record_predictions(pid, rows)
-    except Exception:
-        log.exception("could not record predictions for project %s", pid)
+    metrics.PREDICTIONS.labels(pid or "none").inc(scored.computed)
+    metrics.PREDICTIONS_CACHED.inc(scored.cached)
+    if pid and scored.judged:
+        svc.trigger.maybe_train(pid)  # the judge's answers fill the hard-sample pool
+    return jsonify(results=scored.entries, model_version=version)
 
 
 @bp.post("/webhook")
