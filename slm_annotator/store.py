@@ -734,12 +734,14 @@ class Store:
 
     def claim_pushes(self, project_id: str, model_version: str, task_ids: list[int], owner: str,
                      stale_seconds: float = CLAIM_STALE_SECONDS,
-                     reply_grace: float = REPLY_GRACE_SECONDS) -> tuple[list[int], list[int]]:
+                     reply_grace: float = REPLY_GRACE_SECONDS,
+                     recheck_done: bool = False) -> tuple[list[int], list[int]]:
         """Claims tasks for `owner` (a bulk job) before it scores and writes them.
 
         Returns (fresh, verify): `fresh` nobody ever wrote; `verify` Label Studio may already hold (this job's
         own claim from a crashed attempt, a dead job's stale claim, an old /predict reply): look before writing.
-        Tasks already written, held by a live job, or just replied to /predict are left out.
+        Tasks already written, held by a live job, or just replied to /predict are left out; with `recheck_done`
+        the written ones are looked up again too (someone may have deleted them in Label Studio).
         """
         table = PushedPrediction.__table__
         for attempt in range(3):
@@ -758,7 +760,7 @@ class Store:
                         age = (now - row.updated_at).total_seconds()
                         mine = row.state == "claimed" and row.owner == owner
                         stale = (row.state == "claimed" and age >= stale_seconds) or \
-                            (row.state == "replied" and age >= reply_grace)
+                            (row.state == "replied" and age >= reply_grace) or (row.state == "done" and recheck_done)
                         if (mine or stale) and self._take(s, row, "claimed", owner):
                             verify.append(tid)
                     if inserts:
@@ -777,13 +779,17 @@ class Store:
         """The owner gives tasks up unwritten (bad data, an error): another request or job may take them."""
         self._set_claimed(project_id, model_version, task_ids, owner, None)
 
+    def unreply(self, project_id: str, model_version: str, task_ids: list[int]) -> None:
+        """A /predict reply that will not carry these tasks after all (reply_claims marked them)."""
+        self._set_claimed(project_id, model_version, task_ids, "predict", None, held="replied")
+
     def _set_claimed(self, project_id: str, model_version: str, task_ids: list[int], owner: str,
-                     state: str | None) -> None:
+                     state: str | None, held: str = "claimed") -> None:
         table = PushedPrediction.__table__
         with self.write_session() as s:
             for start in range(0, len(task_ids), ID_BATCH):
                 where = (table.c.project_id == project_id, table.c.model_version == model_version,
-                         table.c.owner == owner, table.c.state == "claimed",
+                         table.c.owner == owner, table.c.state == held,
                          table.c.task_id.in_(task_ids[start : start + ID_BATCH]))
                 if state is None:
                     s.execute(delete(table).where(*where))
