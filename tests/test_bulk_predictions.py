@@ -272,3 +272,46 @@ def test_cli_predict_inline_shows_progress_and_fills_the_project(
     assert "12/12 tasks" in out.err and json.loads(out.out.strip().splitlines()[-1])["written"] == 12
     version = settings.base_version
     assert ls.per_task(version) == {t["id"]: 1 for t in tasks}
+
+
+# ------------------------------------------------------------------------ 4. refresh after a promotion
+def test_a_promoted_head_refreshes_every_unlabelled_task_most_uncertain_first(
+        settings, embedded_redis_url, stub_ls) -> None:
+    from rq.job import Job
+
+    from backend.services import build_services
+    from tests.toy import CONFIG as TOY
+    from tests.toy import fill
+    from worker.bulk import run_bulk
+    from worker.head_run import run_head
+    from worker.policy import BULK_QUEUE
+
+    s = replace(settings, redis_url=embedded_redis_url, head_every=10, prefill_min_alpha=0.2)
+    store = Store(s.database_url)
+    fill(store, "42", 40)  # tasks 1..40 labelled
+    unlabelled = [{"id": 100 + i, "data": {"text": f"it was {w} {w}"}} for i, w in
+                  enumerate(["great", "awful", "happy", "sad", "superb", "nasty"])]
+    labelled = [{"id": t, "data": {"text": "x"}, "annotations": [{"id": t, "result": []}]} for t in range(1, 41)]
+    old = [{"task": 100 + i, "result": [], "score": sc, "model_version": "old"} for i, sc in
+           enumerate([0.9, 0.2, 0.8, 0.1, 0.7, 0.6])]
+    ls = stub_ls("42", labelled + unlabelled)
+    ls.store(old)
+    s = _ls_settings(s, embedded_redis_url, ls)
+    conn = _clear_bulk_queue(embedded_redis_url)
+    store.upsert_project("42", label_config=TOY)
+    outcome = run_head(s, store, "42", store.start_run("42", "inline", "head").id)
+    assert outcome.status == "promoted", outcome.detail
+    queued = conn.lrange(f"rq:queue:{BULK_QUEUE}", 0, -1)
+    assert len(queued) == 1
+    job = Job.fetch(queued[0].decode(), connection=conn)
+    assert job.args[1:] == (outcome.model_version, "unlabelled", None, "uncertain")
+    svc = build_services(s)
+    written: list[int] = []
+    real = ls.store
+    ls.store = lambda items: (written.extend(i["task"] for i in items), real(items))  # type: ignore[method-assign]
+    meta = run_bulk(svc, *job.args[:4], order=job.args[4], owner=job.id)
+    svc.close()
+    assert meta["written"] == 6
+    counts = ls.per_task(outcome.model_version)
+    assert all(counts[t["id"]] == 1 for t in unlabelled) and all(counts[t] == 0 for t in range(1, 41))
+    assert written == [103, 101, 105, 104, 102, 100]  # lowest previous score first
