@@ -23,6 +23,9 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 100),
 )
 PREDICTIONS = Counter("slm_predictions_total", "Tasks pre-annotated", ["project"])
+PREDICT_DEFERRED = Counter("slm_predict_deferred_total",
+                           "Tasks /predict left to a bulk job (PREDICT_BUDGET_SECONDS spent)")
+PREDICTIONS_CACHED = Counter("slm_predictions_cached_total", "Tasks /predict answered from the prediction cache")
 MODEL_LOAD = Gauge("slm_model_load_seconds", "Seconds the base model took to load", multiprocess_mode="max")
 LABELS_STORED = Counter("slm_labels_stored_total", "Annotations written to the label store", ["project"])
 WEBHOOKS = Counter("slm_webhooks_total", "Webhook events by action", ["action"])

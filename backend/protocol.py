@@ -12,8 +12,9 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from backend import metrics
 from backend.errors import ApiError
-from backend.payloads import INT64, clean_text, int64, json_body, label_from, label_studio_url, project_id
-from backend.routing import Routed, route_predictions, routing_policy
+from backend.payloads import clean_text, int64, json_body, label_from, label_studio_url, project_id
+from backend.predicting import predict_cached, task_id_of
+from backend.routing import routing_policy
 from backend.services import Services, base_version, cached_rubric
 from model.prompt import TaskDataError
 from model.results import values_from_result
@@ -189,12 +190,15 @@ def predict() -> Any:
         metrics.REJECTED.inc()
         raise ApiError(503, "overloaded: too many predictions in flight (PREDICT_QUEUE_LIMIT); retry later")
     policy = routing_policy(svc.settings, extra)
-    started = time.perf_counter()
+    decoding = str(extra.get("decoding", "argmax"))
+    # Within the budget (PREDICT_BUDGET_SECONDS, below Label Studio's 100 s): a project's tasks with ids are
+    # answered with what is cached or scored in time; the rest goes to a bulk job (worker.bulk).
+    ids = [task_id_of(t) for t in tasks]
+    tracked = bool(pid) and None not in ids
+    deadline = time.monotonic() + svc.settings.predict_budget_seconds if tracked else None
     try:  # the slot covers the judge calls too: a thread waiting on the judge must not take a webhook's place
-        preds = svc.annotator.predict(rubric, tasks, served, bar, policy.members,
-                                      str(extra.get("decoding", "argmax")))
-        routed = route_predictions(rubric, tasks, preds, policy, svc.judge(), svc.store if pid else None,
-                                   pid or "", svc.settings, time.perf_counter() - started)
+        scored = predict_cached(svc, pid or "", rubric, config, extra, tasks, served, bar, policy, decoding,
+                                deadline=deadline)
     except TaskDataError as exc:
         raise ApiError(422, str(exc)) from exc
     except ModelUnavailable as exc:
@@ -205,30 +209,41 @@ def predict() -> Any:
     base = svc.model.loaded
     if base is not None:
         metrics.MODEL_LOAD.set(base.load_seconds)
-    metrics.PREDICTIONS.labels(pid or "none").inc(len(preds))
-    if pid:
-        _record(svc, pid, rubric, tasks, preds, routed)
-        if any(r.route == "judge" for r in routed):
-            svc.trigger.maybe_train(pid)  # the judge's answers fill the hard-sample pool
-    return jsonify(
-        results=[{"result": r.result, "score": r.score, "model_version": p.model_version}
-                 for r, p in zip(routed, preds, strict=True)],
-        model_version=version,
-    )
+    metrics.PREDICTIONS.labels(pid or "none").inc(scored.computed)
+    metrics.PREDICTIONS_CACHED.inc(scored.cached)
+    if pid and scored.judged:
+        svc.trigger.maybe_train(pid)  # the judge's answers fill the hard-sample pool
+    if not tracked:
+        return jsonify(results=scored.entries, model_version=version)
+    n = _reply_length(svc, pid, version, ids, scored.prefix())
+    reply: dict[str, Any] = {"results": scored.entries[:n], "model_version": version}
+    if n < len(tasks):
+        rest = [{"id": t["id"], "data": t["data"]} for t in tasks[n:]]
+        reply["background"] = {"tasks": len(rest), "job": svc.trigger.bulk(pid, version, rest)}
+        metrics.PREDICT_DEFERRED.inc(len(rest))
+        log.info("project %s: /predict answered %d of %d tasks within %.0f s; the rest: %s", pid, n, len(tasks),
+                 svc.settings.predict_budget_seconds, reply["background"]["job"])
+    return jsonify(reply)
 
 
-def _record(svc: Services, pid: str, rubric: Rubric, tasks: list[Any], preds: list[Any], routed: list[Routed]) -> None:
-    rows = []
-    for task, pred, r in zip(tasks, preds, routed, strict=True):
-        task_id = task.get("id")
-        if isinstance(task_id, int) and not isinstance(task_id, bool) and -INT64 <= task_id < INT64:
-            values = values_from_result(rubric, r.result)
-            rows.append({"task_id": task["id"], "model_version": pred.model_version, "values": values,
-                         "score": r.score, "uncertainty": r.uncertainty, "route": r.route})
+def _reply_length(svc: Services, pid: str, version: str, ids: list[Any], prefix: int) -> int:
+    """How many leading tasks the reply carries. Label Studio pairs results with tasks by position and stores a
+    shorter list as it is (ml/models.py, handle_prediction_results: zip, a warning), except that ONE result for
+    several tasks switches it to one /predict per task: then nothing is returned and the job does all. Tasks a
+    bulk job holds or wrote are left to it (store.reply_claims), so no task gets two predictions of a version."""
+    if prefix == 1 and len(ids) > 1:
+        prefix = 0
+    if prefix == 0:
+        return 0
     try:
-        svc.store.record_predictions(pid, rows)
+        n = svc.store.reply_claims(pid, version, ids[:prefix])
     except Exception:
-        log.exception("could not record predictions for project %s", pid)
+        log.exception("project %s: could not mark the tasks of a /predict reply; answering all scored ones", pid)
+        return prefix
+    if n == 1 and len(ids) > 1:
+        svc.store.unreply(pid, version, ids[:1])
+        return 0
+    return n
 
 
 @bp.post("/webhook")

@@ -56,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("REDIS_URL", redis_url)
     workers: list[subprocess.Popen[bytes]] = []
     if args.with_worker:  # adapter runs take minutes; heads take seconds and must not wait behind them
-        for queue in (["training", "heads"] if settings.head_every > 0 else ["training"]):
+        for queue in ["training", "heads"]:  # the heads worker also runs bulk predictions (worker.bulk)
             workers.append(subprocess.Popen([sys.executable, "-m", "slm_annotator.cli", "worker", "--queue", queue],
                                             env=os.environ.copy()))
 
@@ -132,7 +132,7 @@ WORKER_TTL = 45  # an idle worker wakes from its blocking dequeue every WORKER_T
 WORKER_RESTART_S = 5.0
 
 
-WORKER_QUEUES = ("all", "heads", "training")  # worker.policy.QUEUES: what each name listens to
+WORKER_QUEUES = ("all", "heads", "training", "bulk")  # worker.policy.QUEUES: what each name listens to
 
 
 def build_worker(settings: Settings, name: str | None = None, queues: str = "all") -> Any:
@@ -170,7 +170,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # Training yields the CPU to the request path when both share a machine (the one-command quickstart):
     # webhooks must stay well under Label Studio's 1 s timeout while a job trains.
     os.nice(10)
-    if args.queue in {"heads", "all"}:
+    if args.queue in {"heads", "all", "bulk"}:
         # Imported once here, not in every job's forked work horse: a head is served seconds sooner. Only
         # imports: no model runs before the fork (OpenMP thread pools do not survive one).
         import sentence_transformers  # noqa: F401
@@ -228,6 +228,70 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(f"sync failed: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Pre-annotates a whole project with its served version: queues a bulk job (or runs it here) and shows its
+    progress until it ends."""
+    from backend.services import build_services
+    from worker.bulk import run_bulk
+    from worker.sync import SyncError
+
+    settings = load_settings()
+    _logging(settings)
+    redis_url = _prepare(settings)
+    svc = build_services(settings)
+    version = svc.served_for(args.project).model_version
+    mode = "all" if args.all else "missing"
+    if args.inline:
+        try:
+            result = run_bulk(svc, args.project, version, mode, progress=_show_progress)
+        except SyncError as exc:
+            print(f"\npredict failed: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            svc.close()
+        print(file=sys.stderr)
+        print(json.dumps(result))
+        return 0 if not result["error_count"] else 1
+    svc.close()
+    from rq.job import Job, JobStatus
+
+    from worker.policy import enqueue_bulk
+    from worker.redis_conn import connect
+
+    conn = connect(redis_url, settings.model_dir)
+    state, jid = enqueue_bulk(conn, settings, args.project, version, mode)
+    print(f"{state}: job {jid} (predict {mode} tasks of project {args.project} with {version})", file=sys.stderr)
+    if args.no_wait:
+        return 0
+    job = Job.fetch(jid, connection=conn)
+    while True:
+        status = job.get_status(refresh=True)
+        job.refresh()
+        if job.meta.get("total") is not None:
+            _show_progress(job.meta)
+        if status in {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}:
+            break
+        time.sleep(1.0)
+    print(file=sys.stderr)
+    if status != JobStatus.FINISHED:
+        print(f"job {jid} {status}: {(job.latest_result().exc_string or '')[-500:] if job.latest_result() else ''}",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(job.return_value()))
+    return 0
+
+
+def _show_progress(meta: dict[str, Any]) -> None:
+    total, done = meta.get("total") or 0, meta.get("done") or 0
+    width = 30
+    filled = int(width * done / total) if total else width
+    eta = meta.get("eta_s")
+    line = (f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks, {meta.get('written', 0)} written, "
+            f"{meta.get('error_count', 0)} errors, {meta.get('tasks_per_s') or 0:.1f} tasks/s"
+            + (f", ETA {eta:.0f} s" if eta is not None else ""))
+    print(line, end="", file=sys.stderr, flush=True)
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -308,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="pull all annotations of a project from the Label Studio API")
     sync.add_argument("--project", required=True)
     sync.set_defaults(func=cmd_sync)
+    predict = sub.add_parser("predict", help="pre-annotate a whole project in Label Studio with the served version")
+    predict.add_argument("--project", required=True)
+    which = predict.add_mutually_exclusive_group()
+    which.add_argument("--missing", action="store_true",
+                       help="tasks without a prediction of the served version (the default)")
+    which.add_argument("--all", action="store_true",
+                       help="every task: also re-checks in Label Studio the tasks recorded as written")
+    predict.add_argument("--inline", action="store_true", help="run here instead of in a worker")
+    predict.add_argument("--no-wait", action="store_true", help="queue the job and return")
+    predict.set_defaults(func=cmd_predict)
+
     versions = sub.add_parser("versions", help="list a project's adapters and which one is served")
     versions.add_argument("--project", required=True)
     versions.set_defaults(func=cmd_versions)

@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -127,3 +139,41 @@ class RouteUsage(Base):
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class CachedPrediction(Base):
+    """What /predict answered for a task: served again while the task's text, the version and the way it was
+    asked (config, settings, pre-fill bar: `variant`) are unchanged. Old model versions are evicted."""
+
+    __tablename__ = "prediction_cache"
+    __table_args__ = (
+        UniqueConstraint("project_id", "task_id", "model_version", "variant", name="uq_prediction_cache"),
+        Index("ix_prediction_cache_version", "project_id", "model_version"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    task_id: Mapped[int] = mapped_column(BigInteger)
+    data_hash: Mapped[str] = mapped_column(String(64))  # model.heads.data_hash: the texts the prompt reads
+    model_version: Mapped[str] = mapped_column(String(255))
+    variant: Mapped[str] = mapped_column(String(32))  # label config, extra_params, bar, members, decoding, routing
+    result: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class PushedPrediction(Base):
+    """One row per (task, version) that went, or is going, to Label Studio: one writer per task and version.
+
+    state: "claimed" (a bulk job took it; `owner` is the job), "done" (written through the API), "replied" (sent
+    back in a /predict reply, which Label Studio stores itself).
+    """
+
+    __tablename__ = "pushed_predictions"
+    __table_args__ = (UniqueConstraint("project_id", "model_version", "task_id", name="uq_pushed_prediction"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    task_id: Mapped[int] = mapped_column(BigInteger)
+    model_version: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16))
+    owner: Mapped[str] = mapped_column(String(255), default="")
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -134,6 +134,10 @@ class Settings:
     prefill_min_alpha: float | None = 0.2  # PREFILL_MIN_ALPHA: held-out alpha a dimension needs to be pre-filled
     report_queue_limit: int = 1
     outbound_deadline: float = 120.0
+    predict_budget_seconds: float = 60.0  # PREDICT_BUDGET_SECONDS: /predict answers within this, the rest goes to a job
+    predict_cache_versions: int = 2  # PREDICT_CACHE_VERSIONS: model versions per project the prediction cache keeps
+    bulk_chunk: int = 64  # BULK_CHUNK: tasks a bulk prediction job scores and writes to Label Studio at once
+    bulk_job_timeout: int = 6 * 3600  # BULK_JOB_TIMEOUT: seconds one bulk prediction job may run
     bind_host: str = "127.0.0.1"  # where `serve` listens (BIND_HOST, set from --host): not loopback needs auth
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -252,5 +256,9 @@ def load_settings() -> Settings:
         prefill_min_alpha=_env_bar("PREFILL_MIN_ALPHA", 0.2),
         report_queue_limit=max(1, _env_int("REPORT_QUEUE_LIMIT", 1)),
         outbound_deadline=_env_float("OUTBOUND_DEADLINE", 120.0),
+        predict_budget_seconds=max(0.0, _env_float("PREDICT_BUDGET_SECONDS", 60.0)),
+        predict_cache_versions=max(1, _env_int("PREDICT_CACHE_VERSIONS", 2)),
+        bulk_chunk=max(1, _env_int("BULK_CHUNK", 64)),
+        bulk_job_timeout=max(60, _env_int("BULK_JOB_TIMEOUT", 6 * 3600)),
         bind_host=_env("BIND_HOST", "127.0.0.1"),
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import bindparam, create_engine, event, func, select, update
+from sqlalchemy import bindparam, create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,15 +28,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from slm_annotator.schema import (
     AdapterVersion,
     Annotation,
+    CachedPrediction,
     HardSample,
     Prediction,
     Project,
+    PushedPrediction,
     RouteUsage,
     TrainingRun,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
+ID_BATCH = 500  # task ids per IN (...) clause
+CLAIM_STALE_SECONDS = 900.0  # a bulk job's claim on a task nobody refreshed for this long: its worker died
+REPLY_GRACE_SECONDS = 300.0  # a /predict reply Label Studio should have stored by now (its timeout is 100 s)
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK_KEY = 0x534C4D41  # "SLMA": one advisory lock id for this app's migrations, per database
 
@@ -606,3 +611,193 @@ class Store:
             if model_version:
                 q = q.where(Prediction.model_version == model_version)
             return list(s.scalars(q.order_by(Prediction.task_id)))
+
+    # -- the prediction cache ---------------------------------------------------------------------------
+    # In the SQL store rather than Redis: it must survive a restart (a re-opened project costs nothing the
+    # day after), it is read and written next to the predictions it mirrors, and SQLite needs no extra service.
+    # Redis here is a queue (an LRU-evicting Redis would silently drop jobs); the cache is bounded by evicting
+    # whole model versions instead (PREDICT_CACHE_VERSIONS per project), which is also when entries go stale.
+    def cached_predictions(self, project_id: str, model_version: str, variant: str,
+                           keys: dict[int, str]) -> dict[int, tuple[list[Any], float]]:
+        """{task_id: (result, score)} for the tasks whose cached entry was computed from the same texts."""
+        out: dict[int, tuple[list[Any], float]] = {}
+        ids = list(keys)
+        with self.session() as s:
+            for start in range(0, len(ids), ID_BATCH):
+                rows = s.execute(select(
+                    CachedPrediction.task_id, CachedPrediction.data_hash, CachedPrediction.result,
+                    CachedPrediction.score,
+                ).where(CachedPrediction.project_id == project_id, CachedPrediction.model_version == model_version,
+                        CachedPrediction.variant == variant,
+                        CachedPrediction.task_id.in_(ids[start : start + ID_BATCH])))
+                for row in rows:
+                    if keys.get(row.task_id) == row.data_hash:
+                        out[row.task_id] = (row.result, row.score)
+        return out
+
+    def cache_predictions(self, project_id: str, model_version: str, variant: str,
+                          rows: list[tuple[int, str, list[Any], float]], keep_versions: int = 2) -> None:
+        """Stores (task_id, data_hash, result, score) rows; the first row of a new version evicts all but the
+        `keep_versions` newest versions of the project."""
+        if not rows:
+            return
+        ids = [r[0] for r in rows]
+        table = CachedPrediction.__table__
+        for attempt in range(3):
+            try:
+                with self.write_session() as s:
+                    _ensure_project(s, project_id)
+                    new = s.scalar(select(CachedPrediction.id).where(
+                        CachedPrediction.project_id == project_id, CachedPrediction.model_version == model_version,
+                    ).limit(1)) is None
+                    if new:
+                        self._evict_versions(s, project_id, max(0, keep_versions - 1))
+                    for start in range(0, len(ids), ID_BATCH):
+                        s.execute(delete(table).where(
+                            table.c.project_id == project_id, table.c.model_version == model_version,
+                            table.c.variant == variant, table.c.task_id.in_(ids[start : start + ID_BATCH])))
+                    now = utcnow()
+                    s.execute(table.insert(), [
+                        {"project_id": project_id, "task_id": t, "data_hash": h, "model_version": model_version,
+                         "variant": variant, "result": result, "score": float(score), "created_at": now}
+                        for t, h, result, score in rows
+                    ])
+                    return
+            except IntegrityError:  # a concurrent writer of the same entries: take theirs or write again
+                if attempt == 2:
+                    raise
+
+    def _evict_versions(self, s: Session, project_id: str, keep: int) -> None:
+        newest = [r[0] for r in s.execute(
+            select(CachedPrediction.model_version).where(CachedPrediction.project_id == project_id)
+            .group_by(CachedPrediction.model_version).order_by(func.max(CachedPrediction.created_at).desc()))]
+        gone = newest[keep:]
+        if gone:
+            s.execute(delete(CachedPrediction).where(CachedPrediction.project_id == project_id,
+                                                     CachedPrediction.model_version.in_(gone)))
+
+    def cached_versions(self, project_id: str) -> dict[str, int]:
+        with self.session() as s:
+            return {v: int(n) for v, n in s.execute(
+                select(CachedPrediction.model_version, func.count()).where(CachedPrediction.project_id == project_id)
+                .group_by(CachedPrediction.model_version))}
+
+    # -- predictions pushed to Label Studio: one writer per (task, version) --------------------------------
+    def _push_rows(self, s: Session, project_id: str, model_version: str, ids: list[int]) -> dict[int, Any]:
+        found: dict[int, Any] = {}
+        for start in range(0, len(ids), ID_BATCH):
+            for row in s.execute(select(
+                PushedPrediction.id, PushedPrediction.task_id, PushedPrediction.state, PushedPrediction.owner,
+                PushedPrediction.updated_at,
+            ).where(PushedPrediction.project_id == project_id, PushedPrediction.model_version == model_version,
+                    PushedPrediction.task_id.in_(ids[start : start + ID_BATCH]))):
+                found[row.task_id] = row
+        return found
+
+    def _take(self, s: Session, row: Any, state: str, owner: str) -> bool:
+        """Moves a row to (state, owner) if nobody changed it since it was read."""
+        table = PushedPrediction.__table__
+        return bool(s.execute(update(table).where(
+            table.c.id == row.id, table.c.state == row.state, table.c.owner == row.owner,
+            table.c.updated_at == row.updated_at,
+        ).values(state=state, owner=owner, updated_at=utcnow())).rowcount)
+
+    def reply_claims(self, project_id: str, model_version: str, task_ids: list[int],
+                     stale_seconds: float = CLAIM_STALE_SECONDS) -> int:
+        """How many of `task_ids` (in order) a /predict reply may carry, marked "replied": it stops before the
+        first task that a bulk job wrote or holds, so Label Studio and the job never both store one."""
+        table = PushedPrediction.__table__
+        for attempt in range(3):
+            try:
+                with self.write_session() as s:
+                    _ensure_project(s, project_id)
+                    rows = self._push_rows(s, project_id, model_version, task_ids)
+                    now, allowed, inserts = utcnow(), 0, []
+                    for tid in task_ids:
+                        row = rows.get(tid)
+                        if row is None:
+                            inserts.append({"project_id": project_id, "task_id": tid, "model_version": model_version,
+                                            "state": "replied", "owner": "predict", "updated_at": now})
+                        else:
+                            held = row.state == "done" or (
+                                row.state == "claimed" and (now - row.updated_at).total_seconds() < stale_seconds)
+                            if held or not self._take(s, row, "replied", "predict"):
+                                break
+                        allowed += 1
+                    if inserts:
+                        s.execute(table.insert(), inserts)
+                    return allowed
+            except IntegrityError:  # a bulk job claimed one of them meanwhile: read again
+                if attempt == 2:
+                    raise
+        return 0
+
+    def claim_pushes(self, project_id: str, model_version: str, task_ids: list[int], owner: str,
+                     stale_seconds: float = CLAIM_STALE_SECONDS,
+                     reply_grace: float = REPLY_GRACE_SECONDS,
+                     recheck_done: bool = False) -> tuple[list[int], list[int]]:
+        """Claims tasks for `owner` (a bulk job) before it scores and writes them.
+
+        Returns (fresh, verify): `fresh` nobody ever wrote; `verify` Label Studio may already hold (this job's
+        own claim from a crashed attempt, a dead job's stale claim, an old /predict reply): look before writing.
+        Tasks already written, held by a live job, or just replied to /predict are left out; with `recheck_done`
+        the written ones are looked up again too (someone may have deleted them in Label Studio).
+        """
+        table = PushedPrediction.__table__
+        for attempt in range(3):
+            try:
+                with self.write_session() as s:
+                    _ensure_project(s, project_id)
+                    rows = self._push_rows(s, project_id, model_version, task_ids)
+                    now, fresh, verify, inserts = utcnow(), [], [], []
+                    for tid in dict.fromkeys(task_ids):
+                        row = rows.get(tid)
+                        if row is None:
+                            inserts.append({"project_id": project_id, "task_id": tid, "model_version": model_version,
+                                            "state": "claimed", "owner": owner, "updated_at": now})
+                            fresh.append(tid)
+                            continue
+                        age = (now - row.updated_at).total_seconds()
+                        mine = row.state == "claimed" and row.owner == owner
+                        stale = (row.state == "claimed" and age >= stale_seconds) or \
+                            (row.state == "replied" and age >= reply_grace) or (row.state == "done" and recheck_done)
+                        if (mine or stale) and self._take(s, row, "claimed", owner):
+                            verify.append(tid)
+                    if inserts:
+                        s.execute(table.insert(), inserts)
+                    return fresh, verify
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        return [], []
+
+    def finish_pushes(self, project_id: str, model_version: str, task_ids: list[int], owner: str) -> None:
+        """The owner's claimed tasks are in Label Studio now."""
+        self._set_claimed(project_id, model_version, task_ids, owner, "done")
+
+    def release_pushes(self, project_id: str, model_version: str, task_ids: list[int], owner: str) -> None:
+        """The owner gives tasks up unwritten (bad data, an error): another request or job may take them."""
+        self._set_claimed(project_id, model_version, task_ids, owner, None)
+
+    def unreply(self, project_id: str, model_version: str, task_ids: list[int]) -> None:
+        """A /predict reply that will not carry these tasks after all (reply_claims marked them)."""
+        self._set_claimed(project_id, model_version, task_ids, "predict", None, held="replied")
+
+    def _set_claimed(self, project_id: str, model_version: str, task_ids: list[int], owner: str,
+                     state: str | None, held: str = "claimed") -> None:
+        table = PushedPrediction.__table__
+        with self.write_session() as s:
+            for start in range(0, len(task_ids), ID_BATCH):
+                where = (table.c.project_id == project_id, table.c.model_version == model_version,
+                         table.c.owner == owner, table.c.state == held,
+                         table.c.task_id.in_(task_ids[start : start + ID_BATCH]))
+                if state is None:
+                    s.execute(delete(table).where(*where))
+                else:
+                    s.execute(update(table).where(*where).values(state=state, updated_at=utcnow()))
+
+    def push_states(self, project_id: str, model_version: str) -> dict[int, str]:
+        with self.session() as s:
+            return {r.task_id: r.state for r in s.execute(
+                select(PushedPrediction.task_id, PushedPrediction.state)
+                .where(PushedPrediction.project_id == project_id, PushedPrediction.model_version == model_version))}

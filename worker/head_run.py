@@ -61,6 +61,10 @@ def run_head(settings: Settings, store: Store, project_id: str, run_id: int) -> 
                                      path=str(target), status="served" if promote else "refused",
                                      base_model=settings.base_model, metrics=metrics, training_run_id=run_id),
                       serve=promote)
+    if promote:  # issue 15: re-predict the unlabelled tasks in Label Studio with the new version
+        from worker.bulk import refresh_after_promotion
+
+        refresh_after_promotion(settings, store, project_id)
     detail = f"head on {len(examples)} tasks: cross-validated alpha {_fmt(new)} vs current {_fmt(old)}"
     return RunOutcome("promoted" if promote else "refused", detail, model_version, metrics)
 

@@ -153,6 +153,10 @@ def run_training(
         status="served" if promote else "refused", base_model=settings.base_model, metrics=metrics,
         training_run_id=run_id,
     ), serve=promote)
+    if promote:  # issue 15: re-predict the unlabelled tasks in Label Studio with the new version
+        from worker.bulk import refresh_after_promotion
+
+        refresh_after_promotion(settings, store, project_id)
     store.mark_pool_used(project_id, [p.id for p in pool], run_id)
     detail = f"new {new_eval['score_kind']} {_fmt(new_eval['score'])} vs current {_fmt(current_eval['score'])}"
     return RunOutcome("promoted" if promote else "refused", detail, model_version, metrics)

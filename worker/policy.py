@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -21,7 +22,11 @@ from slm_annotator.store import Store
 log = logging.getLogger(__name__)
 QUEUE_NAME = "slm-annotator"
 HEAD_QUEUE = "slm-annotator-heads"  # seconds-long head trainings: their own worker, never behind an adapter run
-QUEUES = {"training": (QUEUE_NAME,), "heads": (HEAD_QUEUE,), "all": (HEAD_QUEUE, QUEUE_NAME)}  # worker --queue
+# Bulk predictions (worker.bulk): their own queue, served by the heads worker after its heads (a head never waits
+# behind a queued bulk job; it may wait for one chunk-writing job to finish) and by a dedicated `--queue bulk`.
+BULK_QUEUE = "slm-annotator-bulk"
+QUEUES = {"training": (QUEUE_NAME,), "heads": (HEAD_QUEUE, BULK_QUEUE), "bulk": (BULK_QUEUE,),
+          "all": (HEAD_QUEUE, QUEUE_NAME, BULK_QUEUE)}  # worker --queue
 ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 MAX_MEMBERS = project_settings.MAX_MEMBERS  # ensemble members: each is a trained adapter and a forward pass per task
 ACTIVE_CACHE_SECONDS = 2.0  # a burst of webhooks while a job is queued or running skips the Redis round trips
@@ -134,6 +139,37 @@ def enqueue_head(conn: Redis, settings: Settings, project_id: str) -> str:
     return "already queued"
 
 
+def bulk_job_id(project_id: str, model_version: str, mode: str, task_ids: list[int] | None = None) -> str:
+    """One job per project, version and mode; a /predict remainder per its task ids."""
+    key = model_version + ("" if task_ids is None else ":" + ",".join(map(str, task_ids)))
+    return f"bulk-{project_id}-{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def enqueue_bulk(conn: Redis, settings: Settings, project_id: str, model_version: str, mode: str,
+                 tasks: list[dict[str, Any]] | None = None, order: str = "") -> tuple[str, str]:
+    """Queues a bulk prediction job (worker.bulk.bulk_predict) once; returns (state, job id). Retried after a
+    failure (Label Studio down): every retry first checks what an earlier attempt already wrote."""
+    queue = Queue(BULK_QUEUE, connection=conn)
+    ids = [t["id"] for t in tasks] if tasks is not None else None
+    jid = bulk_job_id(project_id, model_version, mode, ids)
+    for _ in range(3):
+        try:
+            queue.enqueue("worker.bulk.bulk_predict", project_id, model_version, mode, tasks, order, job_id=jid,
+                          unique=True, job_timeout=settings.bulk_job_timeout, result_ttl=86400,
+                          failure_ttl=7 * 86400, retry=Retry(max=3, interval=[30, 120, 600]),
+                          description=f"predict {mode} tasks of project {project_id} with {model_version}")
+            return "queued", jid
+        except DuplicateJobError:
+            try:
+                job = Job.fetch(jid, connection=conn)
+            except NoSuchJobError:
+                continue
+            if job.get_status(refresh=True) in ACTIVE:
+                return "already queued", jid
+            _free_job_id(conn, job)
+    return "already queued", jid
+
+
 def _free_job_id(conn: Redis, job: Job) -> None:
     """Deletes a finished job; RQ's delete trips over executions a killed worker left behind ("Execution ... not
     found in Redis"), and then only the job's key goes, which is all that unique=True looks at."""
@@ -226,6 +262,24 @@ class Trigger:
         else:  # a head is running: it re-trains on what arrives meanwhile; ask again in a moment, not per label
             self._head_busy_until[project_id] = time.monotonic() + ACTIVE_CACHE_SECONDS
         return state
+
+    def bulk(self, project_id: str, model_version: str, tasks: list[dict[str, Any]]) -> str:
+        """Queues the tasks a /predict could not score within its budget; never raises (the reply goes out)."""
+        if time.monotonic() < self._down_until:
+            return "deferred: redis unavailable"
+        try:
+            with self._lock:
+                return enqueue_bulk(self._connection(), self.settings, project_id, model_version, "request",
+                                    tasks)[0]
+        except (RedisError, OSError) as exc:
+            self._down_until = time.monotonic() + 2.0
+            self._conn = None
+            log.warning("redis unavailable: %d tasks of project %s were not queued for prediction: %s",
+                        len(tasks), project_id, exc)
+            return "deferred: redis unavailable"
+        except Exception:
+            log.exception("could not queue the bulk prediction of project %s", project_id)
+            return "deferred: queue error"
 
     def flush_all(self) -> None:
         """Re-sends requests that could not reach Redis earlier (called periodically)."""

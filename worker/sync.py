@@ -109,6 +109,17 @@ class LabelStudioClient:
         return _json(body, path)
 
 
+    def post(self, path: str, payload: Any) -> tuple[int, Any]:
+        """(status, parsed body) of a JSON POST; auth failures and unreachability raise SyncError."""
+        status, body = self._call("POST", path, json=payload, headers=self._auth())
+        if status in (401, 403):
+            raise SyncError(f"Label Studio refused the API key ({status}); check LABEL_STUDIO_API_KEY")
+        try:
+            return status, json.loads(body) if body else None
+        except (ValueError, UnicodeDecodeError):
+            return status, None
+
+
 class _DeadlineExceeded(Exception):
     pass
 
