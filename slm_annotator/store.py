@@ -442,6 +442,16 @@ class Store:
                     project.trained_seq = run.seq_snapshot
                     project.training_requested = False
 
+    def interrupt_runs(self, job_id: str) -> int:
+        """The job's running runs end as `interrupted` (its worker was stopped); RQ retries the job later."""
+        with self.write_session() as s:
+            runs = list(s.scalars(select(TrainingRun).where(TrainingRun.job_id == job_id,
+                                                            TrainingRun.status == "running")))
+            for run in runs:
+                run.status, run.finished_at = "interrupted", utcnow()
+                run.error = "the worker was stopped (SIGTERM) during the run; the job is retried later"
+            return len(runs)
+
     def record_run(self, project_id: str, trigger: str, status: str, error: str = "") -> TrainingRun:
         """A run that is over as it starts (a failed sync): running runs are left alone, the watermark too."""
         with self.write_session() as s:

@@ -1,0 +1,156 @@
+"""`serve` leaves nothing behind and keeps its embedded Redis up (issue 17, review findings #11, #17, #23).
+
+Real processes: `python -m slm_annotator.cli serve` (this checkout's code) with its gunicorn worker, RQ workers,
+their schedulers and work horses, and the embedded redis-server; SIGTERM and SIGKILL sent to serve alone, as a
+container runtime or an operator's `kill` would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from slm_annotator.cli import STOP_GRACE_S
+from slm_annotator.store import Store
+from tests.e2e.backend_proc import BackendProcess
+from tests.toy import fill
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+
+
+class Serve(BackendProcess):
+    """BackendProcess on this checkout's code (`python -m`, not the console script of the installed tree)."""
+
+    def start(self) -> Serve:
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        env = {**self.env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        argv = [sys.executable, "-m", "slm_annotator.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                *self.serve_args]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, env=env, cwd=str(self.model_dir.parent), stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        _wait(self._healthy, 180, "serve to be healthy")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+        with contextlib.suppress(requests.RequestException, ValueError):
+            return requests.get(self.url + "/health", timeout=2).json().get("status") == "UP"
+        return False
+
+
+def _wait(predicate, timeout: float, what: str, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _family(serve: Serve) -> dict[int, str]:
+    """Every process serve started (its descendants, whatever their process group) and its redis-server."""
+    pids = set(_descendants(serve.proc.pid))
+    if serve.redis_pid():
+        pids.add(serve.redis_pid())
+    return {p: _cmdline(p) for p in pids if _running(p)}
+
+
+@pytest.fixture
+def serve_env(settings, tmp_path):
+    return {"DATABASE_URL": settings.database_url, "BASE_MODEL": settings.base_model, "QUANTIZATION": "none",
+            "HEAD_EVERY": "10", "TRAIN_EPOCHS": "400", "TRAIN_LR": "1e-2", "HELDOUT_FRACTION": "0.25", "LORA_R": "8",
+            "TOKEN_DROPOUT_SHARE": "0", "THREADS": "2"}
+
+
+def _kinds(family: dict[int, str]) -> list[str]:
+    return sorted({"redis" if "redis-server" in c else "worker" if " worker " in f"{c} " else "serve"
+                   for c in family.values()})
+
+
+def _leftovers(family: dict[int, str]) -> dict[int, str]:
+    return {p: c for p, c in family.items() if _running(p) and _cmdline(p) == c}
+
+
+def test_sigterm_of_serve_mid_training_stops_everything_within_the_grace_period(settings, serve_env, tmp_path):
+    store = Store(settings.database_url)
+    fill(store, "9")
+    serve = Serve(settings.model_dir, serve_env)
+    try:
+        serve.start()
+        reply = serve.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 9}})
+        assert reply["training"] == "queued", reply
+        _wait(lambda: [r for r in store.runs("9") if r.status == "running"], 120, "the training run to start")
+        time.sleep(3)  # the work horse is training (400 epochs: minutes)
+        family = _family(serve)
+        assert _kinds(family) == ["redis", "serve", "worker"], family
+        assert sum(" worker " in f"{c} " for c in family.values()) >= 4, family  # 2 workers, a horse, schedulers
+        started = time.monotonic()
+        os.kill(serve.proc.pid, signal.SIGTERM)
+        serve.proc.wait(timeout=STOP_GRACE_S + 15)
+        took = time.monotonic() - started
+        _wait(lambda: not _leftovers(family), 10, "serve's children to be gone")
+    finally:
+        log = serve.log_tail()
+        serve.stop()
+    assert took <= STOP_GRACE_S, (took, log)
+    assert not _leftovers(family), (_leftovers(family), log)
+    run = [r for r in store.runs("9")][-1]
+    assert run.status == "interrupted" and run.finished_at is not None, (run.status, log)
+
+
+def test_sigkill_of_serve_leaves_no_orphans(settings, serve_env, tmp_path):
+    serve = Serve(settings.model_dir, serve_env)
+    try:
+        serve.start()
+        time.sleep(3)  # the RQ workers have started their schedulers
+        family = _family(serve)
+        assert _kinds(family) == ["redis", "serve", "worker"], family
+        os.kill(serve.proc.pid, signal.SIGKILL)
+        serve.proc.wait(timeout=10)
+        _wait(lambda: not _leftovers(family), 20, "serve's children to die with it")
+    finally:
+        log = serve.log_tail()
+        serve.stop()
+    assert not _leftovers(family), (_leftovers(family), log)
+
