@@ -154,3 +154,35 @@ def test_sigkill_of_serve_leaves_no_orphans(settings, serve_env, tmp_path):
         serve.stop()
     assert not _leftovers(family), (_leftovers(family), log)
 
+
+def _train_state(serve: Serve, project: int) -> str:
+    return serve.post("/webhook", json={"action": "START_TRAINING", "project": {"id": project}})["training"]
+
+
+def test_a_killed_embedded_redis_is_restarted_and_training_queues_again(settings, serve_env):
+    serve = Serve(settings.model_dir, serve_env, serve_args=("--no-worker",))
+    try:
+        serve.start()
+        assert _train_state(serve, 20) == "queued"
+        time.sleep(2.5)  # appendfsync everysec: a write may wait up to 2 s for the append-only file
+        first = serve.redis_pid()
+        os.kill(first, signal.SIGKILL)
+        _wait(lambda: not _running(first), 5, "redis-server to die")
+        project = iter(range(21, 10_000))
+        started = time.monotonic()
+        _wait(lambda: _train_state(serve, next(project)) == "queued", 20, "a training request queued again", 0.5)
+        took = time.monotonic() - started
+        second = serve.redis_pid()
+        assert second != first and _running(second) and "redis-server" in _cmdline(second)
+        from redis import Redis
+        from rq import Queue
+
+        from worker.policy import QUEUE_NAME
+
+        queued = Queue(QUEUE_NAME, connection=Redis.from_url(f"unix://{serve.redis_socket()}")).job_ids
+        assert "train-20" in queued, queued  # the append-only file kept the queue
+    finally:
+        log = serve.log_tail()
+        serve.stop()
+    assert took < 15, (took, log)
+

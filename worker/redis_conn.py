@@ -112,8 +112,9 @@ def start_owned(model_dir: Path, timeout: float = 10.0) -> subprocess.Popen[byte
 
 
 class EmbeddedRedis:
-    """serve's embedded Redis: started as serve's child (it dies with serve) and stopped with serve. A server
-    another process started is used and left running."""
+    """serve's embedded Redis, supervised: started as serve's child (it dies with serve), started again within
+    seconds when its redis-server dies (same socket and folder; the append-only file keeps the queue), and stopped
+    with serve. A server another process started is used, watched, and left running."""
 
     def __init__(self, model_dir: Path, interval: float = 1.0) -> None:
         self.model_dir, self.interval = model_dir, interval
@@ -126,7 +127,23 @@ class EmbeddedRedis:
         self.proc = start_owned(self.model_dir)
         if self.proc is None and not _wait_ping(self.url, 10.0):
             raise RuntimeError(f"embedded redis-server at {self.url} does not answer")
+        # The watcher starts every later server: PDEATHSIG follows the thread that forked, and it lives as long
+        # as serve does.
+        self._thread = threading.Thread(target=self._watch, name="embedded-redis", daemon=True)
+        self._thread.start()
         return self.url
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.proc is not None and self.proc.poll() is not None:
+                log.error("embedded redis-server (pid %d) exited with %s: starting it again", self.proc.pid,
+                          self.proc.returncode)
+                self.proc = None
+            if self.proc is None and not _ping(self.url):
+                try:
+                    self.proc = start_owned(self.model_dir) or self.proc
+                except (RuntimeError, OSError) as exc:
+                    log.error("embedded redis-server could not be started again: %s", exc)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Saves and stops the server this serve started (SIGTERM: redis flushes its append-only file)."""
