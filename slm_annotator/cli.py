@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +61,37 @@ def _start_workers(settings: Settings) -> list[subprocess.Popen[bytes]]:
                              env=os.environ.copy(), preexec_fn=die_with_parent(signal.SIGKILL)) for queue in queues]
 
 
+def _prometheus_dir(model_dir: Path) -> tuple[Path, Any]:
+    """This serve's own folder for Prometheus' multiprocess files, MODEL_DIR/prometheus/<pid>, and the open lock
+    file that marks it alive. Two serves on one MODEL_DIR each count their own requests (a second serve used to
+    delete the first's live files); folders of serves that are gone (their lock is free) are removed."""
+    root = model_dir / "prometheus"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".clean.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # one serve at a time creates its folder or cleans the others'
+        own = root / str(os.getpid())
+        own.mkdir(exist_ok=True)
+        held = open(own / ".alive", "w")  # noqa: SIM115 - open for serve's whole life: the lock is the sign
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for stale in root.glob("*.db"):  # the layout before one folder per serve
+            stale.unlink()
+        for folder in root.iterdir():
+            if folder.is_dir() and folder != own and not _locked(folder / ".alive"):
+                shutil.rmtree(folder, ignore_errors=True)
+    return own, held
+
+
+def _locked(path: Path) -> bool:
+    try:
+        with open(path, "a") as probe:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """gunicorn, its RQ workers and the embedded Redis; SIGTERM stops them all within STOP_GRACE_S."""
     from gunicorn.app.base import BaseApplication
@@ -78,10 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     Store(settings.database_url)  # migrated before any worker process starts
-    prom = settings.model_dir / "prometheus"
-    prom.mkdir(parents=True, exist_ok=True)
-    for stale in prom.glob("*.db"):
-        stale.unlink()
+    prom, _held = _prometheus_dir(settings.model_dir)  # _held: the lock that says this serve lives
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
     redis_url, embedded = _serve_redis(settings)
     if not os.environ.get("REDIS_URL"):

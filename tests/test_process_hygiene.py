@@ -186,3 +186,36 @@ def test_a_killed_embedded_redis_is_restarted_and_training_queues_again(settings
         serve.stop()
     assert took < 15, (took, log)
 
+
+def _webhooks_counted(serve: Serve) -> float:
+    text = requests.get(serve.url + "/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith('slm_webhooks_total{action="OTHER"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_two_serves_on_one_model_dir_keep_their_own_metrics(settings, serve_env, tmp_path):
+    first = Serve(settings.model_dir, serve_env, serve_args=("--no-worker",))
+    second = Serve(settings.model_dir, serve_env, serve_args=("--no-worker",))
+    try:
+        first.start()
+        for _ in range(3):
+            first.post("/webhook", json={"action": "SOMETHING_ELSE"})
+        assert _webhooks_counted(first) == 3.0
+        second.start()  # used to delete the first's live *.db files at start
+        second.post("/webhook", json={"action": "SOMETHING_ELSE"})
+        assert _webhooks_counted(first) == 3.0
+        assert _webhooks_counted(second) == 1.0
+        dead = settings.model_dir / "prometheus" / "999999999"  # a serve that is gone: its folder goes
+        dead.mkdir()
+        (dead / ".alive").touch()
+        second.stop()
+        third = Serve(settings.model_dir, serve_env, serve_args=("--no-worker",))
+        third.start()
+        third.stop()
+        assert not dead.exists()
+        assert _webhooks_counted(first) == 3.0
+    finally:
+        first.stop()
+        second.stop()
