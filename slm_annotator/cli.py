@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,10 +36,70 @@ def _prepare(settings: Settings) -> str:
     return settings.redis_url or ensure_embedded(settings.model_dir)
 
 
+WARM_STOP_S = 10.0  # SIGTERM of serve: RQ workers finish a job of seconds (a head) ...
+COLD_STOP_S = 10.0  # ... then their work horses are killed; the whole stop stays under STOP_GRACE_S
+STOP_GRACE_S = 60  # gunicorn's graceful_timeout (30) + WARM_STOP_S + COLD_STOP_S + Redis' save (10)
+
+
+def _serve_redis(settings: Settings) -> tuple[str, Any]:
+    """REDIS_URL, or the embedded Redis as serve's supervised child (None: not serve's to stop)."""
+    from worker.redis_conn import EmbeddedRedis
+
+    if settings.redis_url:
+        return settings.redis_url, None
+    embedded = EmbeddedRedis(settings.model_dir)
+    return embedded.start(), embedded
+
+
+def _start_workers(settings: Settings) -> list[subprocess.Popen[bytes]]:
+    """One RQ worker per queue (adapter runs take minutes; heads take seconds and must not wait behind them),
+    each killed with serve even when serve is SIGKILLed (PDEATHSIG)."""
+    from slm_annotator.procs import die_with_parent
+
+    queues = ["training", "heads"]  # the heads worker also runs bulk predictions (worker.bulk)
+    return [subprocess.Popen([sys.executable, "-m", "slm_annotator.cli", "worker", "--queue", queue],
+                             env=os.environ.copy(), preexec_fn=die_with_parent(signal.SIGKILL)) for queue in queues]
+
+
+def _prometheus_dir(model_dir: Path) -> tuple[Path, Any]:
+    """This serve's own folder for Prometheus' multiprocess files, MODEL_DIR/prometheus/<pid>, and the open lock
+    file that marks it alive. Two serves on one MODEL_DIR each count their own requests (a second serve used to
+    delete the first's live files); folders of serves that are gone (their lock is free) are removed."""
+    root = model_dir / "prometheus"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".clean.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # one serve at a time creates its folder or cleans the others'
+        own = root / str(os.getpid())
+        own.mkdir(exist_ok=True)
+        held = open(own / ".alive", "w")  # noqa: SIM115 - open for serve's whole life: the lock is the sign
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for stale in root.glob("*.db"):  # the layout before one folder per serve
+            stale.unlink()
+        for folder in root.iterdir():
+            if folder.is_dir() and folder != own and not _locked(folder / ".alive"):
+                shutil.rmtree(folder, ignore_errors=True)
+    return own, held
+
+
+def _locked(path: Path) -> bool:
+    try:
+        with open(path, "a") as probe:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """gunicorn, its RQ workers and the embedded Redis; SIGTERM stops them all within STOP_GRACE_S."""
     from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
 
     from backend.auth import AuthConfigError, check_posture
+    from slm_annotator.procs import WorkerGroup
+    from slm_annotator.store import Store
 
     os.environ["BIND_HOST"] = args.host  # the app's auth posture depends on where it listens
     settings = load_settings()
@@ -47,18 +109,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except AuthConfigError as exc:
         print(f"slm-annotator serve: {exc}", file=sys.stderr)
         return 2
-    redis_url = _prepare(settings)
-    prom = settings.model_dir / "prometheus"
-    prom.mkdir(parents=True, exist_ok=True)
-    for stale in prom.glob("*.db"):
-        stale.unlink()
+    settings.model_dir.mkdir(parents=True, exist_ok=True)
+    Store(settings.database_url)  # migrated before any worker process starts
+    prom, _held = _prometheus_dir(settings.model_dir)  # _held: the lock that says this serve lives
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
-    os.environ.setdefault("REDIS_URL", redis_url)
-    workers: list[subprocess.Popen[bytes]] = []
-    if args.with_worker:  # adapter runs take minutes; heads take seconds and must not wait behind them
-        for queue in ["training", "heads"]:  # the heads worker also runs bulk predictions (worker.bulk)
-            workers.append(subprocess.Popen([sys.executable, "-m", "slm_annotator.cli", "worker", "--queue", queue],
-                                            env=os.environ.copy()))
+    redis_url, embedded = _serve_redis(settings)
+    if not os.environ.get("REDIS_URL"):
+        os.environ["REDIS_URL"] = redis_url
+    workers = WorkerGroup(_start_workers(settings) if args.with_worker else [], WARM_STOP_S, COLD_STOP_S)
+
+    class ServeArbiter(Arbiter):  # type: ignore[misc]
+        def stop(self, graceful: bool = True) -> None:
+            workers.begin_stop()  # the workers' warm shutdown runs while gunicorn drains its requests
+            super().stop(graceful)
 
     class App(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -81,18 +144,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             app.extensions["slm"].model.start_loading()
             return app
 
+        def run(self) -> None:
+            ServeArbiter(self).run()
+
     try:
         App().run()
     finally:
-        for proc in workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # warm shutdown: a running training job may finish
-        for proc in workers:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()  # the job is retried by the next worker; nothing half-promoted is served
-                proc.wait()
+        workers.stop()  # before Redis: a cold-stopped worker records its interrupted run there and in the store
+        if embedded is not None:
+            embedded.stop()
     return 0
 
 
@@ -157,19 +217,43 @@ def build_worker(settings: Settings, name: str | None = None, queues: str = "all
             except RedisError as exc:
                 self.log.warning("heartbeat missed (Redis unreachable: %s); the job goes on", exc)
 
+        def request_force_stop(self, signum: int, frame: Any) -> None:
+            """Cold shutdown (a second SIGTERM, e.g. serve stopping): the killed job's run is recorded as
+            interrupted at once, not left "running" until a retry finds it; RQ retries the job later."""
+            job_id = self.get_current_job_id()
+            try:
+                super().request_force_stop(signum, frame)
+            except SystemExit:
+                if job_id:
+                    _record_interrupted(settings, job_id)
+                raise
+
     conn = connect(settings.redis_url, settings.model_dir)
     return BlipProofWorker([Queue(q, connection=conn) for q in QUEUES[queues]], connection=conn, name=name,
                            maintenance_interval=60, worker_ttl=WORKER_TTL)
 
 
+def _record_interrupted(settings: Settings, job_id: str) -> None:
+    from slm_annotator.store import Store
+
+    try:
+        n = Store(settings.database_url, run_migrations=False).interrupt_runs(job_id)
+        logging.getLogger("slm_annotator.worker").warning("job %s stopped mid-run: %d run(s) interrupted", job_id, n)
+    except Exception as exc:  # the next attempt marks it abandoned instead
+        logging.getLogger("slm_annotator.worker").warning("could not record the interrupted run: %s", exc)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Works until told to stop. RQ's worker quits when Redis goes away mid-job; this one starts again."""
+    from slm_annotator.procs import tie_forks_to_this_process
+
     settings = load_settings()
     _logging(settings)
     _prepare(settings)
     # Training yields the CPU to the request path when both share a machine (the one-command quickstart):
     # webhooks must stay well under Label Studio's 1 s timeout while a job trains.
     os.nice(10)
+    tie_forks_to_this_process()  # RQ's scheduler and work horse die with this worker, even by SIGKILL
     if args.queue in {"heads", "all", "bulk"}:
         # Imported once here, not in every job's forked work horse: a head is served seconds sooner. Only
         # imports: no model runs before the fork (OpenMP thread pools do not survive one).

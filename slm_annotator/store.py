@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 from alembic import command
@@ -177,6 +178,35 @@ def _put_hard_sample(s: Session, project_id: str, task_id: int, source: str, ann
         s.flush()
     else:
         row.values, row.task_data = values, task_data or row.task_data
+
+
+class ServedChanged(RuntimeError):
+    """The served version is not the one a run compared itself with: a rollback or another run came between."""
+
+    def __init__(self, project_id: str, expected: int | None, current: AdapterVersion | None) -> None:
+        self.expected, self.current = expected, current
+        was = f"v{expected}" if expected is not None else "the base model"
+        now = f"v{current.version}" if current is not None else "the base model"
+        super().__init__(f"project {project_id}: the served version changed from {was} to {now} during the run")
+
+    @property
+    def by_a_run(self) -> bool:
+        """The newly served version was promoted by its own run (not re-served by a rollback): comparing with it
+        again is what that run would have met had it started later."""
+        cur = self.current
+        return cur is not None and cur.promoted_at is not None and cur.promoted_at == cur.created_at and \
+            (self.expected is None or cur.version > self.expected)
+
+
+def _check_served(s: Session, project_id: str, expected: int | None) -> None:
+    """Compare-and-set's compare, the project's row locked (PostgreSQL; SQLite's write lock is already held)."""
+    s.execute(_LOCK_PROJECT, {"p": project_id})
+    current = s.scalars(select(AdapterVersion).where(AdapterVersion.project_id == project_id,
+                                                     AdapterVersion.status == "served")).first()
+    if (current.version if current is not None else None) != expected:
+        if current is not None:
+            s.expunge(current)  # readable after the rollback that the exception brings
+        raise ServedChanged(project_id, expected, current)
 
 
 class Store:
@@ -417,6 +447,16 @@ class Store:
                     project.trained_seq = run.seq_snapshot
                     project.training_requested = False
 
+    def interrupt_runs(self, job_id: str) -> int:
+        """The job's running runs end as `interrupted` (its worker was stopped); RQ retries the job later."""
+        with self.write_session() as s:
+            runs = list(s.scalars(select(TrainingRun).where(TrainingRun.job_id == job_id,
+                                                            TrainingRun.status == "running")))
+            for run in runs:
+                run.status, run.finished_at = "interrupted", utcnow()
+                run.error = "the worker was stopped (SIGTERM) during the run; the job is retried later"
+            return len(runs)
+
     def record_run(self, project_id: str, trigger: str, status: str, error: str = "") -> TrainingRun:
         """A run that is over as it starts (a failed sync): running runs are left alone, the watermark too."""
         with self.write_session() as s:
@@ -448,16 +488,24 @@ class Store:
             top = s.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.project_id == project_id))
             return int(top or 0) + 1
 
-    def add_adapter(self, adapter: AdapterVersion, serve: bool) -> AdapterVersion:
-        """Records a trained adapter; `serve` makes it the project's one served adapter in one transaction."""
+    def add_adapter(self, adapter: AdapterVersion, serve: bool,
+                    expected_served: int | EllipsisType | None = ...) -> AdapterVersion:
+        """Records a trained adapter; `serve` makes it the project's one served adapter in one transaction.
+
+        `expected_served`: the version the run's gate compared with (None: the base). A compare-and-set: if
+        another version is served now (a rollback, another run), ServedChanged is raised and nothing is stored,
+        so a rollback made during a run is never undone unseen.
+        """
         with self.write_session() as s:
+            if serve and expected_served is not ...:
+                _check_served(s, adapter.project_id, expected_served)
             if serve:
                 s.execute(
                     update(AdapterVersion)
                     .where(AdapterVersion.project_id == adapter.project_id, AdapterVersion.status == "served")
                     .values(status="retired")
                 )
-                adapter.promoted_at = utcnow()
+                adapter.promoted_at = adapter.created_at = utcnow()  # equal: promoted by its run, not re-served
             s.add(adapter)
             s.flush()
             return adapter
@@ -488,6 +536,7 @@ class Store:
     def serve_version(self, project_id: str, version: int) -> AdapterVersion:
         """Rollback (or forward) to a stored adapter: one transaction flips which one is served."""
         with self.write_session() as s:
+            s.execute(_LOCK_PROJECT, {"p": project_id})  # serialised with a run's compare-and-set (PostgreSQL)
             target = s.scalars(
                 select(AdapterVersion).where(
                     AdapterVersion.project_id == project_id, AdapterVersion.version == version
@@ -506,6 +555,7 @@ class Store:
 
     def unserve(self, project_id: str) -> None:
         with self.write_session() as s:
+            s.execute(_LOCK_PROJECT, {"p": project_id})  # serialised with a run's compare-and-set (PostgreSQL)
             s.execute(
                 update(AdapterVersion)
                 .where(AdapterVersion.project_id == project_id, AdapterVersion.status == "served")

@@ -21,7 +21,7 @@ from model.plan import Plan, head_plan, plan_score
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
-from worker.pipeline import RunOutcome, load_examples, project_dir
+from worker.pipeline import RunOutcome, load_examples, project_dir, record_adapter
 from worker.policy import prefill_bar_for
 
 
@@ -57,16 +57,17 @@ def run_head(settings: Settings, store: Store, project_id: str, run_id: int) -> 
         "current_version": served.model_version if served else settings.base_version,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
-    store.add_adapter(AdapterVersion(project_id=project_id, version=version, model_version=model_version,
-                                     path=str(target), status="served" if promote else "refused",
-                                     base_model=settings.base_model, metrics=metrics, training_run_id=run_id),
-                      serve=promote)
+    promote, changed = record_adapter(store, AdapterVersion(
+        project_id=project_id, version=version, model_version=model_version, path=str(target),
+        status="served" if promote else "refused", base_model=settings.base_model, metrics=metrics,
+        training_run_id=run_id), promote, served)  # seconds old: a version served meanwhile is not re-compared
     if promote:  # issue 15: re-predict the unlabelled tasks in Label Studio with the new version
         from worker.bulk import refresh_after_promotion
 
         refresh_after_promotion(settings, store, project_id)
     detail = f"head on {len(examples)} tasks: cross-validated alpha {_fmt(new)} vs current {_fmt(old)}"
-    return RunOutcome("promoted" if promote else "refused", detail, model_version, metrics)
+    return RunOutcome("promoted" if promote else "refused", f"{detail}; {changed}" if changed else detail,
+                      model_version, metrics)
 
 
 def merge(fresh: Plan, current: Plan | None) -> Plan:

@@ -32,7 +32,7 @@ from model.training import TrainConfig, TrainStats, config_dict, save_adapter, t
 from slm_annotator import project_settings
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.settings import Settings
-from slm_annotator.store import Store
+from slm_annotator.store import ServedChanged, Store
 from worker.policy import members_for, prefill_bar_for
 
 log = logging.getLogger(__name__)
@@ -148,18 +148,54 @@ def run_training(
                            "encoder": settings.head_encoder}
     replace(plan, adapter_dir=f"v{version}", adapter_version=model_version).save(tmp)
     target = _promote_dir(settings, project_id, version, tmp, model_version)
-    store.add_adapter(AdapterVersion(
+
+    def regate(now_served: AdapterVersion) -> bool:  # a newer run's version: the gate it would have met
+        for name in [n for n in getattr(model, "peft_config", {}) if n.startswith("current")]:
+            model.delete_adapter(name)  # the old served version's members: their slot names are reused
+        again = _current_eval(settings, store, project_id, rubric, heldout, model, probs, k, now_served)
+        metrics.update(current=again, current_version=now_served.model_version)
+        return bool(new_eval["score"] >= again["score"] - tolerance)
+
+    promote, changed = record_adapter(store, AdapterVersion(
         project_id=project_id, version=version, model_version=model_version, path=str(target),
         status="served" if promote else "refused", base_model=settings.base_model, metrics=metrics,
         training_run_id=run_id,
-    ), serve=promote)
+    ), promote, served, regate)
     if promote:  # issue 15: re-predict the unlabelled tasks in Label Studio with the new version
         from worker.bulk import refresh_after_promotion
 
         refresh_after_promotion(settings, store, project_id)
     store.mark_pool_used(project_id, [p.id for p in pool], run_id)
+    current_eval = metrics["current"]
     detail = f"new {new_eval['score_kind']} {_fmt(new_eval['score'])} vs current {_fmt(current_eval['score'])}"
-    return RunOutcome("promoted" if promote else "refused", detail, model_version, metrics)
+    return RunOutcome("promoted" if promote else "refused", f"{detail}; {changed}" if changed else detail,
+                      model_version, metrics)
+
+
+REGATES = 3  # runs promoted meanwhile that a finished run compares itself with again, before it gives up
+
+
+def record_adapter(store: Store, adapter: AdapterVersion, promote: bool, served: AdapterVersion | None,
+                 regate: Callable[[AdapterVersion], bool] | None = None) -> tuple[bool, str]:
+    """Promotes only over the version the gate compared with (a compare-and-set in the store): a rollback made
+    during the run sticks and the adapter is recorded as refused. A version that another run promoted meanwhile
+    is compared with again (`regate`), as a run starting now would be. Returns (promoted, why not, if changed)."""
+    expected = served.version if served is not None else None
+    for _ in range(REGATES):
+        try:
+            store.add_adapter(adapter, serve=promote, expected_served=expected)
+            return promote, ""
+        except ServedChanged as exc:
+            if regate is None or not exc.by_a_run or exc.current is None:
+                adapter.status = "refused"
+                adapter.metrics = {**(adapter.metrics or {}), "served_changed": str(exc)}
+                store.add_adapter(adapter, serve=False)
+                return False, f"not promoted: {exc}"
+            expected, promote = exc.current.version, regate(exc.current)
+            adapter.status = "served" if promote else "refused"
+    adapter.status = "refused"
+    store.add_adapter(adapter, serve=False)
+    return False, "not promoted: the served version kept changing during the run"
 
 
 def choose_plan(settings: Settings, rubric: Any, train: list[Example], heldout: list[Example],

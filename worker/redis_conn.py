@@ -6,7 +6,9 @@ import contextlib
 import fcntl
 import logging
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -46,30 +48,115 @@ def ensure_embedded(model_dir: Path, timeout: float = 10.0) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _ping(url):
             return url
-        sock = folder / "redis.sock"
-        sock.unlink(missing_ok=True)
-        subprocess.run(
-            [
-                _server_binary(),
-                "--port", "0",
-                "--unixsocket", str(sock),
-                "--unixsocketperm", "700",
-                "--dir", str(folder),
-                "--appendonly", "yes",
-                "--appendfsync", "everysec",
-                "--daemonize", "yes",
-                "--pidfile", str(folder / "redis.pid"),
-                "--logfile", str(folder / "redis.log"),
-            ],
-            check=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if _ping(url):
-                log.info("embedded redis-server started at %s", sock)
-                return url
-            time.sleep(0.05)
+        (folder / "redis.sock").unlink(missing_ok=True)
+        subprocess.run([*_server_args(folder), "--daemonize", "yes"], check=True)
+        if _wait_ping(url, timeout):
+            log.info("embedded redis-server started at %s", url)
+            return url
     raise RuntimeError(f"embedded redis-server did not start; see {folder / 'redis.log'}")
+
+
+def _server_args(folder: Path) -> list[str]:
+    return [
+        _server_binary(),
+        "--port", "0",
+        "--unixsocket", str(folder / "redis.sock"),
+        "--unixsocketperm", "700",
+        "--dir", str(folder),
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--pidfile", str(folder / "redis.pid"),
+        "--logfile", str(folder / "redis.log"),
+    ]
+
+
+def _wait_ping(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _ping(url):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _pidfile_alive(folder: Path) -> bool:
+    """A redis-server still runs under this folder (maybe busy, e.g. loading a big AOF): never start a second."""
+    try:
+        pid = int((folder / "redis.pid").read_text().strip())
+        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+
+
+def start_owned(model_dir: Path, timeout: float = 10.0) -> subprocess.Popen[bytes] | None:
+    """Starts the embedded redis-server as this process's child, SIGTERMed (it saves and exits) when this process
+    dies, even by SIGKILL. None when one already answers or runs (another process's: left to it)."""
+    from slm_annotator.procs import die_with_parent
+
+    folder = model_dir / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    url = embedded_url(model_dir)
+    with open(folder / ".start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _ping(url) or _pidfile_alive(folder):
+            return None
+        (folder / "redis.sock").unlink(missing_ok=True)
+        proc = subprocess.Popen(_server_args(folder), stdin=subprocess.DEVNULL,
+                                preexec_fn=die_with_parent(signal.SIGTERM), start_new_session=True)
+        if _wait_ping(url, timeout):
+            log.info("embedded redis-server started at %s (pid %d)", url, proc.pid)
+            return proc
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"embedded redis-server did not start; see {folder / 'redis.log'}")
+
+
+class EmbeddedRedis:
+    """serve's embedded Redis, supervised: started as serve's child (it dies with serve), started again within
+    seconds when its redis-server dies (same socket and folder; the append-only file keeps the queue), and stopped
+    with serve. A server another process started is used, watched, and left running."""
+
+    def __init__(self, model_dir: Path, interval: float = 1.0) -> None:
+        self.model_dir, self.interval = model_dir, interval
+        self.url = embedded_url(model_dir)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> str:
+        self.proc = start_owned(self.model_dir)
+        if self.proc is None and not _wait_ping(self.url, 10.0):
+            raise RuntimeError(f"embedded redis-server at {self.url} does not answer")
+        # The watcher starts every later server: PDEATHSIG follows the thread that forked, and it lives as long
+        # as serve does.
+        self._thread = threading.Thread(target=self._watch, name="embedded-redis", daemon=True)
+        self._thread.start()
+        return self.url
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.proc is not None and self.proc.poll() is not None:
+                log.error("embedded redis-server (pid %d) exited with %s: starting it again", self.proc.pid,
+                          self.proc.returncode)
+                self.proc = None
+            if self.proc is None and not _ping(self.url):
+                try:
+                    self.proc = start_owned(self.model_dir) or self.proc
+                except (RuntimeError, OSError) as exc:
+                    log.error("embedded redis-server could not be started again: %s", exc)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Saves and stops the server this serve started (SIGTERM: redis flushes its append-only file)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def stop_embedded(model_dir: Path) -> None:
