@@ -87,56 +87,39 @@ def due(settings: Settings, store: Store, project_id: str, project: Any = None) 
     return pool_due(settings, store, project_id, project)
 
 
-def enqueue_training(conn: Redis, settings: Settings, project_id: str, trigger: str) -> str:
-    """Queues the project's training job once; a job already queued or running absorbs the trigger."""
-    queue = Queue(QUEUE_NAME, connection=conn)
-    jid = job_id(project_id)
-    delays = list(settings.train_retry_delays) or 0
-    retry = Retry(max=settings.train_retries, interval=delays) if settings.train_retries else None
+def enqueue_once(conn: Redis, queue_name: str, func: str, *args: Any, job_id: str, **options: Any) -> str:
+    """Queues `func` under a fixed job id once: a job of that id already queued or running absorbs the request;
+    a finished or failed one frees its id for the next. "queued" or "already queued"."""
+    queue = Queue(queue_name, connection=conn)
     for _ in range(3):
         try:
-            queue.enqueue(
-                "worker.jobs.train_project",
-                project_id,
-                trigger,
-                job_id=jid,
-                unique=True,
-                job_timeout=settings.train_job_timeout,
-                result_ttl=86400,
-                failure_ttl=7 * 86400,
-                retry=retry,
-                description=f"train adapter for project {project_id} ({trigger})",
-            )
+            queue.enqueue(func, *args, job_id=job_id, unique=True, **options)
             return "queued"
         except DuplicateJobError:
             try:
-                job = Job.fetch(jid, connection=conn)
-            except NoSuchJobError:
-                continue
-            if job.get_status(refresh=True) in ACTIVE:
-                return "already queued"
-            _free_job_id(conn, job)  # a finished or failed run: its id is free for the next one
-    return "already queued"
-
-
-def enqueue_head(conn: Redis, settings: Settings, project_id: str) -> str:
-    """Queues the project's head training once (seconds of CPU); one already queued absorbs the request."""
-    queue = Queue(HEAD_QUEUE, connection=conn)
-    jid = head_job_id(project_id)
-    for _ in range(3):
-        try:
-            queue.enqueue("worker.jobs.train_head", project_id, job_id=jid, unique=True, job_timeout=600,
-                          result_ttl=3600, failure_ttl=86400, description=f"train embedding head for {project_id}")
-            return "queued"
-        except DuplicateJobError:
-            try:
-                job = Job.fetch(jid, connection=conn)
+                job = Job.fetch(job_id, connection=conn)
             except NoSuchJobError:
                 continue
             if job.get_status(refresh=True) in ACTIVE:
                 return "already queued"
             _free_job_id(conn, job)
     return "already queued"
+
+
+def enqueue_training(conn: Redis, settings: Settings, project_id: str, trigger: str) -> str:
+    """Queues the project's training job once; a job already queued or running absorbs the trigger."""
+    delays = list(settings.train_retry_delays) or 0
+    retry = Retry(max=settings.train_retries, interval=delays) if settings.train_retries else None
+    return enqueue_once(conn, QUEUE_NAME, "worker.jobs.train_project", project_id, trigger, job_id=job_id(project_id),
+                        job_timeout=settings.train_job_timeout, result_ttl=86400, failure_ttl=7 * 86400, retry=retry,
+                        description=f"train adapter for project {project_id} ({trigger})")
+
+
+def enqueue_head(conn: Redis, settings: Settings, project_id: str) -> str:
+    """Queues the project's head training once (seconds of CPU); one already queued absorbs the request."""
+    return enqueue_once(conn, HEAD_QUEUE, "worker.jobs.train_head", project_id, job_id=head_job_id(project_id),
+                        job_timeout=600, result_ttl=3600, failure_ttl=86400,
+                        description=f"train embedding head for {project_id}")
 
 
 def bulk_job_id(project_id: str, model_version: str, mode: str, task_ids: list[int] | None = None) -> str:
@@ -149,25 +132,13 @@ def enqueue_bulk(conn: Redis, settings: Settings, project_id: str, model_version
                  tasks: list[dict[str, Any]] | None = None, order: str = "") -> tuple[str, str]:
     """Queues a bulk prediction job (worker.bulk.bulk_predict) once; returns (state, job id). Retried after a
     failure (Label Studio down): every retry first checks what an earlier attempt already wrote."""
-    queue = Queue(BULK_QUEUE, connection=conn)
     ids = [t["id"] for t in tasks] if tasks is not None else None
     jid = bulk_job_id(project_id, model_version, mode, ids)
-    for _ in range(3):
-        try:
-            queue.enqueue("worker.bulk.bulk_predict", project_id, model_version, mode, tasks, order, job_id=jid,
-                          unique=True, job_timeout=settings.bulk_job_timeout, result_ttl=86400,
-                          failure_ttl=7 * 86400, retry=Retry(max=3, interval=[30, 120, 600]),
-                          description=f"predict {mode} tasks of project {project_id} with {model_version}")
-            return "queued", jid
-        except DuplicateJobError:
-            try:
-                job = Job.fetch(jid, connection=conn)
-            except NoSuchJobError:
-                continue
-            if job.get_status(refresh=True) in ACTIVE:
-                return "already queued", jid
-            _free_job_id(conn, job)
-    return "already queued", jid
+    state = enqueue_once(conn, BULK_QUEUE, "worker.bulk.bulk_predict", project_id, model_version, mode, tasks, order,
+                         job_id=jid, job_timeout=settings.bulk_job_timeout, result_ttl=86400, failure_ttl=7 * 86400,
+                         retry=Retry(max=3, interval=[30, 120, 600]),
+                         description=f"predict {mode} tasks of project {project_id} with {model_version}")
+    return state, jid
 
 
 def _free_job_id(conn: Redis, job: Job) -> None:
