@@ -2,7 +2,8 @@
 
 The head is the fast first learner: it trains on the CPU in seconds whenever HEAD_EVERY new labels arrived, so
 Label Studio re-predicts with a model that learnt from the latest labels long before an adapter could. Its
-per-dimension alpha is cross-validated on the training labels (no held-out split is spent on it); dimensions
+per-dimension alpha is cross-validated on the training labels (no held-out split is spent on it); a new head
+replaces a head-only version without a gate (the same recipe on more labels), and dimensions
 the served version answers with its adapter (or the blend) keep doing so, and keep their adapter, until the
 next adapter run re-chooses on held-out labels. Written to a temp folder and renamed, like adapter versions.
 """
@@ -40,7 +41,11 @@ def run_head(settings: Settings, store: Store, project_id: str, run_id: int) -> 
     current = served_from_folder(served.model_version, Path(served.path), served.metrics).plan if served else None
     plan = merge(head_plan(head, rubric, bar), current)
     new, old = plan_score(plan), plan_score(current) if current is not None else None
-    promote = old is None or new is None or new >= old - settings.promotion_tolerance
+    # Over a head-only version the new head is the same recipe on a superset of the labels: served (their
+    # cross-validated alphas come from different label sets and differ by noise; the bar guards each dimension).
+    # Over a version with an adapter the plan's mean alpha must not drop.
+    head_only = current is None or current.adapter_dir is None
+    promote = head_only or old is None or new is None or new >= old - settings.promotion_tolerance
     version = store.next_adapter_version(project_id)
     model_version = settings.adapter_version(project_id, version)
     tmp = project_dir(settings, project_id) / f".tmp-head{run_id}-{os.getpid()}"
