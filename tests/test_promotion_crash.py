@@ -49,7 +49,7 @@ elif mode == "rename":  # the directory is in place, the database does not know 
         os._exit(137)
     pipeline.os.replace = replace
 elif mode == "commit":  # inside the promotion transaction, before COMMIT
-    def add_adapter(self, adapter, serve):
+    def add_adapter(self, adapter, serve, expected_served=None):
         with self.write_session() as s:
             s.execute(update(AdapterVersion).where(AdapterVersion.project_id == adapter.project_id,
                                                    AdapterVersion.status == "served").values(status="retired"))
