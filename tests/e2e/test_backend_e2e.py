@@ -35,7 +35,8 @@ pytestmark = pytest.mark.e2e
 
 FIXTURES = REPO / "tests" / "fixtures" / "label_configs"
 TINY_MODEL = REPO / ".cache" / "tiny-llama-v1"
-FINISHED = {"promoted", "refused", "skipped", "failed", "abandoned"}
+FINISHED = {"promoted", "refused", "skipped", "failed", "abandoned", "interrupted"}
+SYNC = "sync"  # a sync is recorded as a run of its own (trigger "sync"), beside the training it preceded
 
 
 # --------------------------------------------------------------------------- helpers
@@ -324,14 +325,15 @@ def test_training_loop_through_label_studio(label_studio, backend_factory) -> No
 
     def retrained() -> dict[str, Any] | None:
         v = versions()
-        new = v["runs"][n_runs:]
+        new = [r for r in v["runs"][n_runs:] if r["trigger"] != SYNC]
         return v if new and all(r["status"] in FINISHED for r in new) else None
 
     t_train = time.monotonic()
     v = wait_until("the START_TRAINING run to finish", retrained, timeout=360,
                    describe=lambda: versions_summary(versions()))  # fmt: skip
     print(f"[e2e] START_TRAINING run done in {time.monotonic() - t_train:.1f}s:\n{versions_summary(v)}")
-    (run,) = v["runs"][n_runs:]
+    (run,) = [r for r in v["runs"][n_runs:] if r["trigger"] != SYNC]
+    assert [r["status"] for r in v["runs"][n_runs:] if r["trigger"] == SYNC] == ["synced"], versions_summary(v)
     assert run["trigger"] == "start_training", versions_summary(v)
     assert run["status"] in {"promoted", "refused"}, versions_summary(v)
     assert v["labels"] == N_ANNOTATED + len(IMPORTED_WITH_ANNOTATIONS), "sync did not pull the imported labels"
