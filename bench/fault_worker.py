@@ -27,10 +27,11 @@ MARKER = Path(os.environ.get("FAULT_MARKER", "fault-worker.marker"))
 _real_add_adapter = Store.add_adapter
 
 
-def crashing_add_adapter(self: Store, adapter: AdapterVersion, serve: bool) -> AdapterVersion:
+def crashing_add_adapter(self: Store, adapter: AdapterVersion, serve: bool,
+                         expected_served: Any = ...) -> AdapterVersion:
     """The promotion transaction, cut short by the process dying before COMMIT (once)."""
     if MARKER.exists():
-        return _real_add_adapter(self, adapter, serve)
+        return _real_add_adapter(self, adapter, serve, expected_served=expected_served)
     with self.write_session() as s:
         s.execute(update(AdapterVersion).where(AdapterVersion.project_id == adapter.project_id,
                                                AdapterVersion.status == "served").values(status="retired"))

@@ -68,7 +68,10 @@ def _private_file(path: Path) -> None:
     its -wal and -shm files the database file's mode). An existing file is tightened, never loosened."""
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    if not path.exists():  # never open (and close) a database file that may be in use: closing any descriptor
+        # of it drops this process's POSIX locks on it, and SQLite's other connections here would lose theirs
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     with contextlib.suppress(OSError):  # a file owned by someone else: theirs to fix
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
@@ -689,6 +692,7 @@ class Store:
                           rows: list[tuple[int, str, list[Any], float]], keep_versions: int = 2) -> None:
         """Stores (task_id, data_hash, result, score) rows; the first row of a new version evicts all but the
         `keep_versions` newest versions of the project."""
+        rows = list({r[0]: r for r in rows}.values())  # a task sent twice in one request: one entry, the last
         if not rows:
             return
         ids = [r[0] for r in rows]
@@ -762,8 +766,12 @@ class Store:
                 with self.write_session() as s:
                     _ensure_project(s, project_id)
                     rows = self._push_rows(s, project_id, model_version, task_ids)
-                    now, allowed, inserts = utcnow(), 0, []
+                    now, allowed, inserts, mine = utcnow(), 0, [], set()
                     for tid in task_ids:
+                        if tid in mine:  # the same task twice in one request: already this reply's
+                            allowed += 1
+                            continue
+                        mine.add(tid)
                         row = rows.get(tid)
                         if row is None:
                             inserts.append({"project_id": project_id, "task_id": tid, "model_version": model_version,

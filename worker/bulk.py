@@ -227,7 +227,11 @@ def _items(reply: Any) -> list[Any]:
 
 def refresh_after_promotion(settings: Settings, store: Store, project_id: str) -> str:
     """Queues the re-prediction of the project's unlabelled tasks, most uncertain first, with the version just
-    promoted; only when the Label Studio API is configured. Never raises: the promotion stands either way."""
+    promoted; only when the operator configured the Label Studio API (LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY), not
+    from the hostname and token /setup passed: a job that cannot write would hold its tasks' claims, and Label
+    Studio's own "Retrieve predictions" would get no answer for them meanwhile. Never raises."""
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        return "skipped: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are not set"
     try:
         client_for(settings, store, project_id)
     except SyncError:
