@@ -38,9 +38,6 @@ class Served:
     adapter: AdapterRef | None = None
     head_dir: Path | None = None
 
-    def summary(self) -> dict[str, Any] | None:
-        return self.plan.summary() if self.plan is not None else None
-
 
 def served_from_folder(model_version: str, folder: Path, metrics: dict[str, Any] | None) -> Served:
     """Reads a version folder: its plan.json, or (adapters trained before plans) an adapter-only plan whose
