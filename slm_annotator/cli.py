@@ -265,12 +265,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("slm_annotator.worker")
     while True:
-        worker = build_worker(settings, args.name, args.queue)
-        try:
+        worker = None
+        try:  # RQ's Worker talks to Redis as it is built: a worker (re)started while Redis is down waits too
+            worker = build_worker(settings, args.name, args.queue)
             worker.work(with_scheduler=True, burst=args.burst, logging_level=settings.log_level)
         except (RedisError, OSError) as exc:  # e.g. registering a new worker while Redis is still down
             log.warning("the RQ worker could not run: %s", exc)
-        if args.burst or worker._shutdown_requested_date is not None:
+        if worker is not None and (args.burst or worker._shutdown_requested_date is not None):
             return 0
         # Its job (if any) is retried once its heartbeat lapses; the horse died with it (die_with_worker).
         log.warning("the RQ worker quit on an error (Redis unreachable?); starting a new one in %.0f s",

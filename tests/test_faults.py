@@ -222,3 +222,31 @@ def _alive(url: str) -> bool:
         return bool(Redis.from_url(url, socket_connect_timeout=0.2).ping())
     except Exception:
         return False
+
+
+def test_a_worker_started_while_redis_is_down_waits_for_it(settings, tmp_path) -> None:
+    """RQ's Worker talks to Redis as it is built: a worker (re)started during an outage used to exit with 1
+    (found by bench_reliability once the heads worker's imports made its start slower than the outage)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    proc = subprocess.Popen([*WORKER, "--queue", "training"], env=worker_env(replace(settings, redis_url=url)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    server = None
+    try:
+        time.sleep(8)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+        server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                                  stdout=subprocess.DEVNULL)
+        _wait(lambda: _alive(url), 10, "redis to start")
+        job = Queue(QUEUE_NAME, connection=Redis.from_url(url)).enqueue("math.sqrt", 16.0)
+        _wait(lambda: job.get_status(refresh=True) == JobStatus.FINISHED, 30, "the waiting worker to run a job")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if server is not None:
+            server.kill()
+            server.wait()
