@@ -8,7 +8,6 @@ another one, but the store is the one place that always knows.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,23 +50,23 @@ class StoreCollector(Collector):
         last = GaugeMetricFamily("slm_training_last_finished_timestamp_seconds",
                                  "When the latest finished training run ended, by its outcome",
                                  labels=["project", "status"])
+        # A few grouped queries, not three per project: 5,000 projects took 12 s per scrape (issue 17).
+        counts, served_all = self.store.all_label_counts(), self.store.all_served()
+        run_counts, latest_all = self.store.all_run_counts(), self.store.all_latest_finished()
         for project in self.store.projects():
             pid = project.id
-            labels.add_metric([pid], self.store.count_labels(pid))
-            served = self.store.served_adapter(pid)
+            labels.add_metric([pid], counts.get(pid, 0))
+            served = served_all.get(pid)
             version.add_metric([pid], served.version if served else 0)
             dims = (((served.metrics or {}).get("new") or {}).get("dimensions") or {}) if served else {}
             for dim, values in dims.items():
                 for key, measure in ALPHA_MEASURES.items():
                     if isinstance(values.get(key), int | float):
                         alpha.add_metric([pid, str(dim), measure], float(values[key]))
-            history = self.store.runs(pid)
-            for status, count in sorted(Counter(r.status for r in history).items()):
-                runs.add_metric([pid, status], count)
-            finished = [r for r in history if r.finished_at is not None]
-            if finished:
-                latest = max(finished, key=lambda r: r.finished_at)  # type: ignore[arg-type,return-value]
-                last.add_metric([pid, latest.status], latest.finished_at.timestamp())  # type: ignore[union-attr]
+        for (pid, status), count in sorted(run_counts.items()):
+            runs.add_metric([pid, status], count)
+        for pid, latest in sorted(latest_all.items()):
+            last.add_metric([pid, latest.status], latest.finished_at.timestamp())  # type: ignore[union-attr]
         return [labels, version, alpha, runs, last, *self._route_families()]
 
     def _route_families(self) -> list[GaugeMetricFamily]:

@@ -518,6 +518,34 @@ class Store:
         found = [(a.metrics or {}).get("head", {}).get("labels", 0) for a in self.adapters(project_id)]
         return max((int(n) for n in found if isinstance(n, int | float)), default=0)
 
+    def all_label_counts(self) -> dict[str, int]:
+        """Active labels per project, in one query (/metrics scrapes every project at once)."""
+        with self.session() as s:
+            rows = s.execute(select(Annotation.project_id, func.count()).where(
+                Annotation.deleted.is_(False), Annotation.cancelled.is_(False)).group_by(Annotation.project_id))
+            return {pid: int(n) for pid, n in rows}
+
+    def all_served(self) -> dict[str, AdapterVersion]:
+        """Every project's served version, in one query."""
+        with self.session() as s:
+            return {a.project_id: a for a in s.scalars(select(AdapterVersion).where(AdapterVersion.status == "served"))}
+
+    def all_run_counts(self) -> dict[tuple[str, str], int]:
+        """Runs per (project, status), in one query."""
+        with self.session() as s:
+            rows = s.execute(select(TrainingRun.project_id, TrainingRun.status, func.count())
+                             .group_by(TrainingRun.project_id, TrainingRun.status))
+            return {(pid, status): int(n) for pid, status, n in rows}
+
+    def all_latest_finished(self) -> dict[str, TrainingRun]:
+        """Per project its latest finished run, in one query."""
+        latest = select(TrainingRun.project_id, func.max(TrainingRun.finished_at).label("at")).where(
+            TrainingRun.finished_at.is_not(None)).group_by(TrainingRun.project_id).subquery()
+        with self.session() as s:
+            rows = s.scalars(select(TrainingRun).join(latest, (TrainingRun.project_id == latest.c.project_id)
+                                                      & (TrainingRun.finished_at == latest.c.at)))
+            return {r.project_id: r for r in rows}
+
     def served_adapter(self, project_id: str) -> AdapterVersion | None:
         with self.session() as s:
             return s.scalars(
