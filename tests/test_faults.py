@@ -21,21 +21,12 @@ from backend.app import create_app
 from slm_annotator.schema import utcnow
 from slm_annotator.store import Store
 from tests.toy import CONFIG, fill, toy_label, worker_env
+from tests.toy import wait_for as _wait
 from worker.pipeline import run_training
 from worker.policy import QUEUE_NAME, enqueue_training, job_id
 from worker.redis_conn import ensure_embedded, stop_embedded
 
 WORKER = [sys.executable, "-m", "slm_annotator.cli", "worker"]
-
-
-def _wait(predicate, timeout: float, what: str, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _digest(path: Path) -> str:

@@ -22,6 +22,7 @@ from slm_annotator.cli import STOP_GRACE_S
 from slm_annotator.store import Store
 from tests.e2e.backend_proc import BackendProcess
 from tests.toy import fill
+from tests.toy import wait_for as _wait
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
 
@@ -46,16 +47,6 @@ class Serve(BackendProcess):
         with contextlib.suppress(requests.RequestException, ValueError):
             return requests.get(self.url + "/health", timeout=2).json().get("status") == "UP"
         return False
-
-
-def _wait(predicate, timeout: float, what: str, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _cmdline(pid: int) -> str:

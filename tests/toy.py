@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import time
+from collections.abc import Callable
+from typing import Any
 
 from slm_annotator.settings import Settings
 from slm_annotator.store import LabelIn, Store
@@ -38,3 +41,14 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
             "TRAIN_EPOCHS": str(settings.train_epochs), "TRAIN_LR": str(settings.train_lr),
             "HELDOUT_FRACTION": str(settings.heldout_fraction), "LORA_R": str(settings.lora_r),
             "TOKEN_DROPOUT_SHARE": str(settings.token_dropout_share), **extra}
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.2) -> Any:
+    """The predicate's first truthy value; an AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
