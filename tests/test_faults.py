@@ -21,6 +21,7 @@ from backend.app import create_app
 from slm_annotator.schema import utcnow
 from slm_annotator.store import Store
 from tests.toy import CONFIG, fill, toy_label, worker_env
+from tests.toy import descendants as _descendants
 from tests.toy import wait_for as _wait
 from worker.pipeline import run_training
 from worker.policy import QUEUE_NAME, enqueue_training, job_id
@@ -122,23 +123,6 @@ def test_redis_stopped_while_webhooks_arrive_loses_nothing_and_trains_after(sett
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r.status for r in store.runs("11")] in (["promoted"], ["refused"])
     assert not store.project("11").training_requested and store.pending_changes("11") == 0
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _running(pid: int) -> bool:

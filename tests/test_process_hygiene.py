@@ -21,6 +21,7 @@ import requests
 from slm_annotator.cli import STOP_GRACE_S
 from slm_annotator.store import Store
 from tests.e2e.backend_proc import BackendProcess
+from tests.toy import descendants as _descendants
 from tests.toy import fill
 from tests.toy import wait_for as _wait
 
@@ -62,21 +63,6 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = (entry / "stat").read_text()
-                children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _family(serve: Serve) -> dict[int, str]:
