@@ -138,6 +138,7 @@ class Settings:
     predict_cache_versions: int = 2  # PREDICT_CACHE_VERSIONS: model versions per project the prediction cache keeps
     bulk_chunk: int = 64  # BULK_CHUNK: tasks a bulk prediction job scores and writes to Label Studio at once
     bulk_job_timeout: int = 6 * 3600  # BULK_JOB_TIMEOUT: seconds one bulk prediction job may run
+    bulk_ls_patience: float = 900.0  # BULK_LS_PATIENCE: seconds a bulk job retries a Label Studio that is down
     bind_host: str = "127.0.0.1"  # where `serve` listens (BIND_HOST, set from --host): not loopback needs auth
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -260,5 +261,6 @@ def load_settings() -> Settings:
         predict_cache_versions=max(1, _env_int("PREDICT_CACHE_VERSIONS", 2)),
         bulk_chunk=max(1, _env_int("BULK_CHUNK", 64)),
         bulk_job_timeout=max(60, _env_int("BULK_JOB_TIMEOUT", 6 * 3600)),
+        bulk_ls_patience=max(0.0, _env_float("BULK_LS_PATIENCE", 900.0)),
         bind_host=_env("BIND_HOST", "127.0.0.1"),
     )
