@@ -78,6 +78,23 @@ def _degraded(svc: Services) -> list[str]:
         when = (run.finished_at or run.started_at).isoformat(timespec="seconds") + "Z"
         reason = (run.error or "").strip().splitlines()[-1][:200] if run.error else "no detail"
         out.append(f"project {run.project_id}: {what} failed at {when}: {reason}")
+    return out + _bulk_trouble(svc)
+
+
+def _bulk_trouble(svc: Services) -> list[str]:
+    """Bulk prediction runs waiting for a Label Studio that is down, or failed (RQ retries them)."""
+    try:
+        runs = svc.store.latest_bulk_runs()
+    except Exception as exc:
+        log.warning("/health could not read the bulk runs: %s", type(exc).__name__)
+        return []
+    out = []
+    for pid, run in sorted(runs.items()):
+        if run.status in {"waiting", "failed"}:
+            when = run.updated_at.isoformat(timespec="seconds") + "Z"
+            verb = "waiting since" if run.status == "waiting" else "failed at"
+            out.append(f"project {pid}: bulk prediction {verb} {when} ({run.done}/{run.total} tasks): "
+                       f"{run.last_error.strip()[:200] or 'no detail'}")
     return out
 
 

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -823,13 +823,14 @@ class Store:
     def claim_pushes(self, project_id: str, model_version: str, task_ids: list[int], owner: str,
                      stale_seconds: float = CLAIM_STALE_SECONDS,
                      reply_grace: float = REPLY_GRACE_SECONDS,
-                     recheck_done: bool = False) -> tuple[list[int], list[int]]:
+                     recheck_done: bool = False, dead_owners: Collection[str] = ()) -> tuple[list[int], list[int]]:
         """Claims tasks for `owner` (a bulk job) before it scores and writes them.
 
         Returns (fresh, verify): `fresh` nobody ever wrote; `verify` Label Studio may already hold (this job's
         own claim from a crashed attempt, a dead job's stale claim, an old /predict reply): look before writing.
         Tasks already written, held by a live job, or just replied to /predict are left out; with `recheck_done`
-        the written ones are looked up again too (someone may have deleted them in Label Studio).
+        the written ones are looked up again too (someone may have deleted them in Label Studio). Claims of
+        `dead_owners` (workers of the run whose heartbeat lapsed) are taken over at once, not after stale_seconds.
         """
         table = PushedPrediction.__table__
         for attempt in range(3):
@@ -847,7 +848,7 @@ class Store:
                             continue
                         age = (now - row.updated_at).total_seconds()
                         mine = row.state == "claimed" and row.owner == owner
-                        stale = (row.state == "claimed" and age >= stale_seconds) or \
+                        stale = (row.state == "claimed" and (age >= stale_seconds or row.owner in dead_owners)) or \
                             (row.state == "replied" and age >= reply_grace) or (row.state == "done" and recheck_done)
                         if (mine or stale) and self._take(s, row, "claimed", owner):
                             verify.append(tid)

@@ -3,10 +3,12 @@ API, and the refresh after a promotion. Tiny model, a stub Label Studio API reco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -98,6 +100,10 @@ class StubLS:
         self.predictions: list[dict[str, Any]] = []
         self.writes = 0
         self.lock = threading.Lock()
+        self.delay = 0.0  # seconds each prediction write takes
+        self.failing = 0  # the next N writes answer 503 (Label Studio down)...
+        self.land_then_fail = 0  # ...the first N of them after storing them all the same (a timeout after it landed)
+        self.on_fail: Any = None  # called (in the server thread) at each failed write
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -134,11 +140,20 @@ class StubLS:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.path != f"/api/projects/{stub.project}/import/predictions":
                     return self._send(404, {})
+                time.sleep(stub.delay)
                 with stub.lock:
                     if any(item.get("task") not in stub.tasks for item in body):
                         return self._send(400, {"detail": "invalid task"})
-                    stub.writes += 1
-                    stub.store(body)
+                    failing = stub.failing > 0
+                    stub.failing -= failing
+                    if not failing or stub.land_then_fail > 0:
+                        stub.land_then_fail -= failing
+                        stub.writes += 1
+                        stub.store(body)
+                if failing:
+                    if stub.on_fail:
+                        stub.on_fail()
+                    return self._send(503, {"detail": "down"})
                 return self._send(201, {"created": len(body)})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -315,3 +330,147 @@ def test_a_promoted_head_refreshes_every_unlabelled_task_most_uncertain_first(
     counts = ls.per_task(outcome.model_version)
     assert all(counts[t["id"]] == 1 for t in unlabelled) and all(counts[t] == 0 for t in range(1, 41))
     assert written == [103, 101, 105, 104, 102, 100]  # lowest previous score first
+
+
+# ------------------------------------------------------------------ 5. scale out, 6. faults
+def _start_workers(s, ls: StubLS, n: int, tmp_path) -> list[subprocess.Popen]:
+    env = worker_env(s, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, HEAD_EVERY="0", BULK_CHUNK="4")
+    procs = []
+    for i in range(n):
+        with open(tmp_path / f"worker{i}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "slm_annotator.cli", "worker", "--queue", "bulk",
+                                           "--name", f"bulk-{i}-{tmp_path.name}"], env=env, start_new_session=True,
+                                          stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    import os
+    import signal
+
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(30)
+
+
+def test_two_workers_share_one_job_and_a_killed_one_loses_nothing(
+        settings, embedded_redis_url, stub_ls, tmp_path) -> None:
+    """Two worker processes on the bulk queue: the job's chunks go to both; the helper's worker is SIGKILLed
+    mid-job; its chunk is taken over once its heartbeat lapses, and Label Studio ends with one prediction per task."""
+    from rq import Queue, Worker
+    from rq.job import Job
+
+    from tests.toy import wait_for
+    from worker.policy import BULK_QUEUE, enqueue_bulk
+
+    tasks = _tasks(120)
+    ls = stub_ls("41", tasks)
+    ls.delay = 0.25  # 30 chunks of 4: ~8 s of writing for one worker
+    conn = _clear_bulk_queue(embedded_redis_url)
+    s = _ls_settings(settings, embedded_redis_url, ls, bulk_chunk=4)
+    store = Store(s.database_url)
+    store.upsert_project("41", label_config=CONFIG)
+    version = s.base_version
+    procs = _start_workers(s, ls, 2, tmp_path)
+    try:
+        queue = Queue(BULK_QUEUE, connection=conn)
+        wait_for(lambda: len(Worker.all(queue=queue)) == 2, 120, "two bulk workers")
+        state, jid = enqueue_bulk(conn, s, "41", version, "missing")
+        assert state == "queued"
+        helper = wait_for(lambda: _started(conn, f"{jid}-help-0"), 60, "the helper job to start")
+        wait_for(lambda: sum(ls.per_task(version).values()) >= 20, 60, "some predictions written")
+        wait_for(lambda: any(conn.llen(k) for k in conn.keys(f"slm-annotator:bulk:*:doing:{jid}-help-0:*")), 60,
+                 "the helper to hold a chunk")
+        victim = next(p for p in procs if p.pid == helper.worker_pid)
+        _stop([victim])  # the helper's worker and its work horse, mid-chunk
+        job = Job.fetch(jid, connection=conn)
+        wait_for(lambda: job.get_status(refresh=True) == "finished", 120, "the job to finish without its helper")
+        assert ls.per_task(version) == {t["id"]: 1 for t in tasks}
+        run = store.bulk_runs("41")[0]
+        assert (run.status, run.done, run.total, run.errors) == ("done", 120, 120, 0)
+        assert run.written + run.skipped == 120  # what the killed one wrote before dying is found, not rewritten
+        assert run.workers == 2  # both took chunks
+        assert conn.smembers(f"slm-annotator:bulk:{run.id}:dead")  # the killed one's chunk was taken over
+        assert job.return_value()["workers"] == 2 and job.return_value()["done"] == 120
+    finally:
+        _stop(procs)
+
+
+def _started(conn, job_id: str) -> Any:
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+    from rq.worker import Worker
+
+    try:
+        job = Job.fetch(job_id, connection=conn)
+    except NoSuchJobError:
+        return None
+    if job.get_status(refresh=True) != "started" or not job.worker_name:
+        return None
+    worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + job.worker_name, connection=conn)
+    if worker is None:
+        return None
+    job.worker_pid = worker.pid
+    return job
+
+
+def test_label_studio_down_makes_the_run_wait_visibly_and_nothing_is_written_twice(
+        settings, embedded_redis_url, stub_ls) -> None:
+    """503s for a while: the run shows "waiting" (store, /health) and carries on when Label Studio is back; a write
+    that landed before its error is not written again. Down for longer than the patience: "failed" on /health."""
+    from backend.services import build_services
+    from worker.bulk import run_bulk
+    from worker.sync import SyncError
+
+    tasks = _tasks(12)
+    ls = stub_ls("41", tasks)
+    s = _ls_settings(settings, embedded_redis_url, ls, bulk_chunk=4, bulk_ls_patience=30.0)
+    app = create_app(s)
+    client = app.test_client()
+    svc = build_services(s)
+    svc.store.upsert_project("41", label_config=CONFIG)
+    version = svc.served_for("41").model_version
+    seen: list[tuple[str, list[str]]] = []
+    ls.failing, ls.land_then_fail = 3, 1  # chunk 1 lands but errs; chunk 2 fails twice
+    ls.on_fail = lambda: seen.append((svc.store.latest_bulk_runs()["41"].status,
+                                      client.get("/health").json["degraded"]))
+    meta = run_bulk(svc, "41", version, "missing")
+    assert meta["written"] == 12 and ls.per_task(version) == {t["id"]: 1 for t in tasks}
+    assert len(seen) == 3 and seen[2][0] == "waiting"
+    assert any("bulk prediction waiting" in d and "503" in d for d in seen[2][1])
+    run = svc.store.latest_bulk_runs()["41"]
+    assert run.status == "done" and "503" in run.last_error
+    assert not any("bulk" in d for d in client.get("/health").json["degraded"])
+    # down for good, a patience of 0: the run fails, visibly
+    more = _tasks(4, start=200)
+    ls.tasks.update({t["id"]: {**t, "annotations": []} for t in more})
+    ls.failing, ls.land_then_fail = 10**6, 0
+    svc.settings = replace(s, bulk_ls_patience=0.0)
+    with pytest.raises(SyncError):
+        run_bulk(svc, "41", version, "missing")
+    assert any("bulk prediction failed" in d for d in client.get("/health").json["degraded"])
+    ls.failing = 0
+    svc.close()
+
+
+def test_bulk_progress_is_in_metrics_and_the_report(settings, embedded_redis_url, stub_ls) -> None:
+    from backend.services import build_services
+    from worker.bulk import run_bulk
+
+    tasks = [*_tasks(9), {"id": 99, "data": {"other": "no text"}}]
+    ls = stub_ls("41", tasks)
+    s = _ls_settings(settings, embedded_redis_url, ls, bulk_chunk=4)
+    svc = build_services(s)
+    svc.store.upsert_project("41", label_config=CONFIG)
+    run_bulk(svc, "41", svc.served_for("41").model_version, "missing")
+    svc.close()
+    client = create_app(s).test_client()
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'slm_bulk_tasks{project="41",state="total"} 10.0' in text
+    assert 'slm_bulk_tasks{project="41",state="written"} 9.0' in text
+    assert 'slm_bulk_tasks{project="41",state="errors"} 1.0' in text
+    assert 'slm_bulk_run_status{project="41",status="done"} 1.0' in text
+    report = client.get("/report/41.json").json
+    assert report["bulk"][0]["done"] == 10 and report["bulk"][0]["status"] == "done"
+    assert "Bulk predictions" in client.get("/report/41").get_data(as_text=True)

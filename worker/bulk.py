@@ -132,6 +132,12 @@ def run_key(job: Any) -> str:
     return f"{job.id}@{int(created.timestamp()) if created else 0}"
 
 
+def execution_owner(job: Any) -> str:
+    """Who holds chunks and claims: one name per execution, so a retried job takes its dead self's work over like
+    any dead worker's (worker.chunks)."""
+    return f"{job.id}:{uuid.uuid4().hex[:8]}"
+
+
 def bulk_predict(project_id: str, model_version: str, mode: str = "missing", tasks: list[dict[str, Any]] | None = None,
                  order: str = "") -> dict[str, Any]:
     """The RQ job (worker.policy.enqueue_bulk): progress in the job's meta and the store, the summary as its
@@ -158,7 +164,8 @@ def bulk_predict(project_id: str, model_version: str, mode: str = "missing", tas
             return run_bulk(svc, project_id, model_version, mode, tasks, order, "inline", progress)
         run_id = run_key(job)
         chunks = RedisChunks(job.connection, run_id, settings.bulk_job_timeout)
-        return run_bulk(svc, project_id, model_version, mode, tasks, order, job.id, progress, chunks=chunks,
+        return run_bulk(svc, project_id, model_version, mode, tasks, order, execution_owner(job), progress,
+                        chunks=chunks,
                         run_id=run_id, helpers=lambda n: ask_helpers(job, settings, run_id, project_id, n, mode))
     finally:
         svc.close()
@@ -182,7 +189,7 @@ def bulk_help(run_id: str, project_id: str, model_version: str, mode: str = "mis
         ctx.run_id = run_id
         chunks = RedisChunks(job.connection, run_id, settings.bulk_job_timeout)
         before = chunks.stats()["done"]
-        work(ctx, chunks, job.id, lambda: mirror(svc.store, run_id, chunks))
+        work(ctx, chunks, execution_owner(job), lambda: mirror(svc.store, run_id, chunks))
         return {"status": "done", "run": run_id, "helped_with": chunks.stats()["done"] - before}
     finally:
         svc.close()
@@ -300,19 +307,21 @@ def work(ctx: BulkContext, chunks: Chunks, owner: str, on_chunk: Callable[[], No
     with chunks.working(owner):
         while (item := chunks.take(owner)) is not None:
             index, part = item
-            chunks.finish(owner, index, process_chunk(ctx, owner, part))
+            chunks.finish(owner, index, process_chunk(ctx, owner, part, chunks.dead()))
             on_chunk()
 
 
-def process_chunk(ctx: BulkContext, owner: str, chunk: list[dict[str, Any]]) -> Counts:
-    """Claims, scores and writes one chunk; what it came to."""
+def process_chunk(ctx: BulkContext, owner: str, chunk: list[dict[str, Any]], dead: set[str] | None = None) -> Counts:
+    """Claims, scores and writes one chunk; what it came to. `dead`: owners whose claims are to be taken over."""
+    dead = dead or set()
     counts = Counts(done=len(chunk))
     if ctx.client is None:  # a /predict remainder without API credentials: cached, served at the next request
         _errors(counts, chunk, ctx.score(chunk).errors)
         return counts
     store, client, version = ctx.svc.store, ctx.client, ctx.version
     by_id = {task_id_of(t): t for t in chunk}
-    fresh, verify = store.claim_pushes(ctx.project_id, version, list(by_id), owner, recheck_done=ctx.mode == "all")
+    fresh, verify = store.claim_pushes(ctx.project_id, version, list(by_id), owner, recheck_done=ctx.mode == "all",
+                                       dead_owners=dead)
     if verify:  # an earlier attempt may have written these: Label Studio says
         there = ctx.patiently("looking up earlier predictions",
                               lambda: existing_predictions(client, ctx.project_id, version, verify)) & set(verify)

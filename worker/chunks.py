@@ -3,9 +3,9 @@
 A run's tasks are cut into chunks once. Workers take them one at a time (a list move: each chunk goes to exactly
 one worker) into a list of their own, and on finishing one they add its counts to the run's totals and drop it
 from that list in one transaction, so every chunk is counted once. A worker killed mid-chunk leaves the chunk in
-its list: the job's retry (same owner) takes it up first, or the run's owner hands it back once the dead worker's
-heartbeat key has expired. Whatever happens here, the store's claims (pushed_predictions) still allow one write
-per task and version.
+its list, and the run's owner hands it back once the dead worker's heartbeat key has expired; the dead owner's
+claims in the store are then taken over (looked up in Label Studio before anything is written). Whatever happens
+here, the store's claims (pushed_predictions) still allow one write per task and version.
 
 `LocalChunks` is the same thing in memory, for a run with no Redis (`slm-annotator predict --inline`).
 """
@@ -24,8 +24,8 @@ from redis import Redis
 
 STATS = ("done", "written", "skipped", "errors")
 MAX_ERRORS = 100  # per-task errors kept (all are counted)
-HEARTBEAT_S = 10.0  # a working owner refreshes its key this often...
-ALIVE_TTL_S = 45  # ...and is taken for dead once it has not for this long (its chunk is handed back)
+HEARTBEAT_S = 5.0  # a working owner refreshes its key this often (a thread: however long a chunk takes)...
+ALIVE_TTL_S = 20  # ...and is taken for dead once it has not for this long: its chunk and claims are taken over
 Task = dict[str, Any]
 
 
@@ -79,6 +79,9 @@ class LocalChunks:
 
     def others_working(self, owner: str) -> bool:
         return False
+
+    def dead(self) -> set[str]:
+        return set()
 
     def todo(self) -> int:
         return len(self._chunks) - self._next
@@ -175,9 +178,15 @@ class RedisChunks:
             if self.conn.exists(self._key("alive", other)):
                 busy = True
                 continue
+            self.conn.sadd(self._key("dead"), other)
+            self.conn.expire(self._key("dead"), self.ttl)
             while self.conn.lmove(doing, self._key("todo"), "RIGHT", "LEFT") is not None:
                 pass
         return busy
+
+    def dead(self) -> set[str]:
+        """Owners whose chunks were handed back: their claims are anyone's."""
+        return {m.decode() for m in self.conn.smembers(self._key("dead"))}
 
     def todo(self) -> int:
         return int(self.conn.llen(self._key("todo")))
@@ -206,5 +215,5 @@ class RedisChunks:
     def close(self, keep_s: int = 3600) -> None:
         """The run is over: its task data go now, its counts stay a while (a late helper reads them and stops)."""
         self.conn.delete(self._key("chunks"), self._key("todo"))
-        for key in ("stats", "info", "errors", "owners"):
+        for key in ("stats", "info", "errors", "owners", "dead"):
             self.conn.expire(self._key(key), keep_s)
