@@ -8,8 +8,6 @@ wants (scale position for nominal/ordinal, the number itself for interval).
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
-from backend.payloads import annotator_of
 from model.agreement import LEVELS, Level
 from model.devdata import DevItem, DevSet
 from model.results import _nearest, values_from_result
 from model.rubric import Rubric, RubricError, _fmt_number, parse_label_config
+from slm_annotator.labelstudio.annotations import annotator_of
+from slm_annotator.labelstudio.files import LabelFileError, read_rows
 from worker.importer import _result_item
 
 if TYPE_CHECKING:
@@ -400,25 +399,12 @@ def _assemble(rows: Sequence[dict[str, Any]], cells: list[tuple[str, str, str, s
 # -- files -----------------------------------------------------------------------------------------------
 
 
-def _load_rows(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8-sig")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            return list(csv.DictReader(text.splitlines()))
-        if suffix in {".jsonl", ".ndjson"}:
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-    except (json.JSONDecodeError, csv.Error) as exc:
-        raise InputError(f"{path}: cannot be parsed: {exc}") from exc
-    if not isinstance(data, list):
-        raise InputError(f"{path}: expected a JSON list (a Label Studio export) or JSONL rows")
-    return data
-
-
 def read_ratings(path: Path, label_config: str | None = None, opts: RowOptions | None = None) -> Ratings:
     """A Label Studio JSON export (tasks with ``annotations``), or CSV/JSONL/JSON rows, long or wide."""
-    rows = _load_rows(path)
+    try:
+        rows = read_rows(path)
+    except LabelFileError as exc:
+        raise InputError(str(exc)) from exc
     if not rows:
         raise InputError(f"{path}: no rows")
     bad = next((n for n, r in enumerate(rows) if not isinstance(r, dict)), None)
