@@ -18,11 +18,10 @@ from xml.sax.saxutils import quoteattr
 
 from model.agreement import LEVELS, Level
 from model.devdata import DevItem, DevSet
-from model.results import _nearest, values_from_result
+from model.results import _nearest, result_item, values_from_result
 from model.rubric import Rubric, RubricError, _fmt_number, parse_label_config
 from slm_annotator.labelstudio.annotations import annotator_of
 from slm_annotator.labelstudio.files import LabelFileError, read_rows
-from worker.importer import _result_item
 
 if TYPE_CHECKING:
     from slm_annotator.store import Store
@@ -332,7 +331,7 @@ def _rubric_cells(rubric: Rubric, cells: list[tuple[str, str, str, str | None]]
             out.append((item, rater, col, value))
         elif col in by_control and value is not None:
             try:
-                entry = _result_item(by_control[col], value)
+                entry = result_item(by_control[col], value)
             except ValueError as exc:
                 raise InputError(f"item {item!r}, rater {rater!r}: {col}={value!r} is not valid: {exc}") from exc
             values = result_values(rubric, [entry] if entry else [])

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model.results import values_from_result
+from model.results import result_item, values_from_result
 from model.rubric import Dimension, Rubric, RubricError, parse_label_config
 from slm_annotator.labelstudio.annotations import AnnotationError, in_int64, label_from_annotation
 from slm_annotator.labelstudio.files import read_rows
@@ -20,18 +20,6 @@ def _synthetic_id(*parts: str) -> int:
     return -(int.from_bytes(digest[:6], "big") + 1)
 
 
-def _result_item(dim: Dimension, raw: Any) -> dict[str, Any] | None:
-    if raw is None or raw == "":
-        return None
-    kind = dim.control_type
-    if kind == "choices":
-        choices = raw if isinstance(raw, list) else [c.strip() for c in str(raw).replace(";", ",").split(",")]
-        value: dict[str, Any] = {"choices": [str(c) for c in choices if str(c)]}
-    else:
-        value = {kind: float(raw) if kind == "number" else int(float(raw))}
-    return {"from_name": dim.control, "to_name": dim.to_name, "type": kind, "value": value}
-
-
 def _flat_row(rubric: Rubric, row: dict[str, Any], n: int, project: str) -> tuple[LabelIn, str]:
     data = {k: row[k] for k in rubric.data_keys if k in row}
     missing = [k for k in rubric.data_keys if k not in row]
@@ -40,7 +28,7 @@ def _flat_row(rubric: Rubric, row: dict[str, Any], n: int, project: str) -> tupl
     controls: dict[str, Dimension] = {}
     for dim in rubric.dimensions:
         controls.setdefault(dim.control, dim)
-    result = [item for name, dim in controls.items() if (item := _result_item(dim, row.get(name)))]
+    result = [item for name, dim in controls.items() if (item := result_item(dim, row.get(name)))]
     task_key = str(row.get("task_id") or row.get("id") or hashlib.sha256(json.dumps(data, sort_keys=True).encode())
                    .hexdigest()[:12])
     annotator = str(row.get("annotator") or "import")
