@@ -18,8 +18,8 @@ from xml.sax.saxutils import quoteattr
 
 from model.agreement import LEVELS, Level
 from model.devdata import DevItem, DevSet
-from model.results import _nearest, result_item, values_from_result
-from model.rubric import Rubric, RubricError, _fmt_number, parse_label_config
+from model.results import nearest, result_item, values_from_result
+from model.rubric import Rubric, RubricError, fmt_number, parse_label_config
 from slm_annotator.labelstudio.annotations import annotator_of
 from slm_annotator.labelstudio.files import LabelFileError, read_rows
 
@@ -162,7 +162,7 @@ def result_values(rubric: Rubric, result: Any) -> dict[str, str]:
             value = item.get("value")
             raw = value.get("number") if isinstance(value, dict) else None  # a stored forgery: not a number
             if isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw):
-                values[numbers[item["from_name"]]] = _fmt_number(float(raw))
+                values[numbers[item["from_name"]]] = fmt_number(float(raw))
     return values
 
 
@@ -175,7 +175,7 @@ def _interval_values(dims: list[DimSpec], ratings: Ratings) -> list[DimSpec]:
                     for vals in by_item.values() if (v := vals.get(dim.key)) is not None}
             numbers = sorted({x for v in seen if (x := _float(v)) is not None})
             if numbers:
-                dim = replace(dim, values=tuple(_fmt_number(x) for x in numbers))
+                dim = replace(dim, values=tuple(fmt_number(x) for x in numbers))
         out.append(dim)
     return out
 
@@ -311,13 +311,13 @@ def _infer_dim(key: str, values: set[str]) -> DimSpec:
     if values and all(x is not None and math.isfinite(x) for x in numbers.values()):
         canon = sorted({float(x) for x in numbers.values() if x is not None})
         integer = all(x.is_integer() for x in canon) and len(canon) <= MAX_INTEGER_SCALE
-        return DimSpec(key, "ordinal" if integer else "interval", tuple(_fmt_number(x) for x in canon), key)
+        return DimSpec(key, "ordinal" if integer else "interval", tuple(fmt_number(x) for x in canon), key)
     return DimSpec(key, "nominal", tuple(sorted(values)), key)
 
 
 def _canonical(dim: DimSpec, value: str) -> str:
     x = _float(value)
-    return _fmt_number(x) if dim.level != "nominal" and x is not None else value
+    return fmt_number(x) if dim.level != "nominal" and x is not None else value
 
 
 def _rubric_cells(rubric: Rubric, cells: list[tuple[str, str, str, str | None]]
@@ -433,7 +433,7 @@ def to_devset(ratings: Ratings, name: str) -> DevSet:
     grids = {d.key: d.values for d in rubric.dimensions if d.control_type == "number"}
     for it in items:  # training targets are points of the prediction grid
         for vals in it.ratings.values():
-            vals.update({k: _nearest(grids[k], float(v)) or v for k, v in vals.items() if k in grids})
+            vals.update({k: nearest(grids[k], float(v)) or v for k, v in vals.items() if k in grids})
     levels: dict[str, Level] = {d.key: d.level for d in rubric.dimensions}
     return DevSet(name, ratings.label_config, items, levels, {d.key: d.values for d in rubric.dimensions})
 

@@ -55,7 +55,7 @@ def examples_from_labels(rubric: Rubric, labels: Iterable[StoredLabel]) -> list[
             example.ratings.setdefault(rater, {}).update(values)
         example.hard = example.hard or label.hard
     missing = set(rubric.data_keys)
-    return [e for e in by_task.values() if e.ratings and e.data and missing <= _flat_keys(e.data)]
+    return [e for e in by_task.values() if e.ratings and e.data and missing <= flat_keys(e.data)]
 
 
 LABEL_MODES = ("soft", "majority", "per_rater")
@@ -72,11 +72,11 @@ def relabel(examples: Sequence[Example], rubric: Rubric, mode: str) -> list[Exam
     if mode == "per_rater":
         return [Example(f"{e.task_key}#{r}", e.data, {r: v}, e.hard) for e in examples for r, v in e.ratings.items()]
     if mode == "majority":
-        return [Example(e.task_key, e.data, {"majority": _majority(e, rubric)}, e.hard) for e in examples]
+        return [Example(e.task_key, e.data, {"majority": majority_values(e, rubric)}, e.hard) for e in examples]
     raise ValueError(f"label mode must be one of {LABEL_MODES}, got {mode!r}")
 
 
-def _majority(example: Example, rubric: Rubric) -> dict[str, str]:
+def majority_values(example: Example, rubric: Rubric) -> dict[str, str]:
     """Most frequent value per dimension; ties go to the tied value nearest the raters' mean (lowest first)."""
     out: dict[str, str] = {}
     for dim, dist in zip(rubric.dimensions, example.targets(rubric), strict=True):
@@ -90,7 +90,7 @@ def _majority(example: Example, rubric: Rubric) -> dict[str, str]:
     return out
 
 
-def _flat_keys(data: dict[str, Any]) -> set[str]:
+def flat_keys(data: dict[str, Any]) -> set[str]:
     keys = set(data)
     for key, value in data.items():
         if isinstance(value, dict):

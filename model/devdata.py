@@ -149,7 +149,7 @@ USR_DIMENSIONS: dict[str, tuple[str, tuple[int, int], str]] = {
 }
 
 
-def _usr_config() -> str:
+def usr_config() -> str:
     parts = [
         "<View>",
         '  <Header value="Conversation history"/>',
@@ -211,7 +211,7 @@ def load_usr_personachat() -> DevSet:
     }
     return DevSet(
         "usr-personachat",
-        _usr_config(),
+        usr_config(),
         items,
         levels,
         domains,
@@ -506,7 +506,7 @@ def load_goemotions(split: str = "dev", labels: list[str] | None = None, limit: 
 # Splits
 
 
-def _group_rank(group: str, seed: int) -> str:
+def group_rank(group: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()
 
 
@@ -520,7 +520,7 @@ def fixed_split(
     """
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
-    groups = sorted({item.group for item in items}, key=lambda g: _group_rank(g, seed))
+    groups = sorted({item.group for item in items}, key=lambda g: group_rank(g, seed))
     test_groups = set(groups[: round(test_fraction * len(groups))])
     train = [item for item in items if item.group not in test_groups]
     test = [item for item in items if item.group in test_groups]

@@ -114,10 +114,10 @@ def _value_for(dim: Dimension, value: dict[str, Any]) -> str | None:
         number = float(raw)
     except OverflowError:  # an int beyond any float: no value of the scale
         return None
-    return _nearest(dim.values, number) if math.isfinite(number) else None
+    return nearest(dim.values, number) if math.isfinite(number) else None
 
 
-def _nearest(values: Sequence[str], x: float) -> str | None:
+def nearest(values: Sequence[str], x: float) -> str | None:
     """Map a stored number onto the dimension's answer grid (Number grids may be coarser than the step)."""
     numeric = [(abs(float(v) - x), v) for v in values]
     best = min(numeric)
