@@ -4,6 +4,18 @@ report page and ``learning-curve`` compute agreement the same way whatever the l
 
 Values stay strings as Label Studio stores them; ``DimSpec.number`` turns them into what Krippendorff's alpha
 wants (scale position for nominal/ordinal, the number itself for interval).
+
+"Who rated what" has one shape per use, and these are the only ways between them:
+
+- ``Ratings`` (here; rater -> item -> dimension -> value, models apart): agreement statistics and reports. Built
+  by ``from_ls_tasks``, ``from_rows`` (both behind ``read_ratings``) and ``from_store``.
+- ``model.dataset.Example`` (one task, rater -> dimension -> value): what training and the promotion gate read.
+  Built from stored labels by ``dataset.examples_from_labels`` (the store's rows, re-parsed against today's
+  rubric) and from a dev set by ``experiment.examples_of``.
+- ``model.devdata.DevSet``/``DevItem`` (a label config plus items with split groups): the research dev sets and
+  ``learning-curve --data``. Built by the loaders in devdata and from ``Ratings`` by ``to_devset``.
+- A label as stored (``slm_annotator.store.LabelIn`` in, ``schema.Annotation`` out) is not a rating: it keeps
+  Label Studio's raw result, made by ``slm_annotator.labelstudio.annotations.label_from_annotation``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,16 @@
-"""Training examples from stored labels: one example per task, soft targets from all its raters."""
+"""Training examples from stored labels: one example per task, soft targets from all its raters.
+
+``Example`` is the per-task view of who rated what that training, the promotion gate and the dev-set experiments
+read; ``examples_from_labels`` builds it from stored labels (anything shaped like ``StoredLabel``: the store's rows
+as they come from ``Store.labels``). Which shape is for what: see ``model.annotations_io``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from model.results import values_from_result
 from model.rubric import Rubric
@@ -32,13 +37,19 @@ class Example:
         return out
 
 
-@dataclass(frozen=True)
-class StoredLabel:
-    task_id: int | None
-    annotator: str
-    result: list[Any]
-    task_data: dict[str, Any]
-    hard: bool = False
+class StoredLabel(Protocol):
+    """What training reads of a stored label: the store's rows (``Store.labels``) and ``LabelIn`` are ones."""
+
+    @property
+    def task_id(self) -> int | None: ...
+    @property
+    def annotator(self) -> str: ...
+    @property
+    def result(self) -> list[Any]: ...
+    @property
+    def task_data(self) -> dict[str, Any]: ...
+    @property
+    def hard(self) -> bool: ...
 
 
 def examples_from_labels(rubric: Rubric, labels: Iterable[StoredLabel]) -> list[Example]:

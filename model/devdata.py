@@ -1,4 +1,5 @@
-"""Loaders for the human-rated dev sets in ../shared/data, in one shape: Label Studio task data, a label
+"""Loaders for the human-rated dev sets in ../shared/data, in one shape (``DevSet``; how it relates to the other
+shapes of who rated what: ``model.annotations_io``): Label Studio task data, a label
 config that matches it, and per-rater ratings keyed by the config's control names.
 
 One shape lets the same evaluation code score the model on every set and compare it with the humans'
