@@ -23,8 +23,9 @@ run: install          ## install everything, start the backend (and a training w
 test: install         ## install everything and run the whole test suite (Label Studio end-to-end included)
 	SLM_E2E=1 $(BIN)/python -m pytest -q -ra
 
-lint: install
+lint: install         ## ruff, then the import contracts in pyproject.toml ([tool.importlinter])
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python bench/bench_predict.py

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.bases import short_name
+from slm_annotator.bases import short_name
 
 
 def _env(name: str, default: str) -> str:
@@ -150,7 +150,7 @@ class Settings:
     def base_version(self) -> str:
         """The model_version served before any adapter exists; computed without loading the model.
 
-        The name comes from the loader's own alias table (model.bases), so BASE_MODEL=gemma3 and
+        The name comes from the loader's own alias table (slm_annotator.bases), so BASE_MODEL=gemma3 and
         BASE_MODEL=gemma3-270m name the same versions, and they match LoadedBase.name.
         """
         return f"{short_name(self.base_model)}-{self.quantization}-base"
