@@ -172,7 +172,8 @@ def bulk_predict(project_id: str, model_version: str, mode: str = "missing", tas
 
 
 def bulk_help(run_id: str, project_id: str, model_version: str, mode: str = "missing") -> dict[str, Any]:
-    """RQ job: another worker's share of a run; takes chunks until none are left (it never waits for others)."""
+    """RQ job: another worker's share of a run; takes chunks until none are left (it never waits for others,
+    it takes a dead one's chunk over)."""
     from rq import get_current_job
 
     from worker.jobs import die_with_worker
@@ -188,8 +189,12 @@ def bulk_help(run_id: str, project_id: str, model_version: str, mode: str = "mis
             return {"status": "superseded", "model_version": model_version, "served": ctx}
         ctx.run_id = run_id
         chunks = RedisChunks(job.connection, run_id, settings.bulk_job_timeout)
-        before = chunks.stats()["done"]
-        work(ctx, chunks, execution_owner(job), lambda: mirror(svc.store, run_id, chunks))
+        before, owner = chunks.stats()["done"], execution_owner(job)
+        while True:  # a dead worker's chunk (the run's owner killed, say) is done here too, without waiting
+            work(ctx, chunks, owner, lambda: mirror(svc.store, run_id, chunks))
+            chunks.others_working(owner)
+            if not chunks.todo():
+                break
         return {"status": "done", "run": run_id, "helped_with": chunks.stats()["done"] - before}
     finally:
         svc.close()
