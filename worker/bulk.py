@@ -61,12 +61,16 @@ class BulkContext:
     client: LabelStudioClient | None
     run_id: str = ""
     mode: str = "missing"
+    warm: bool = False  # the SLM (if this version needs it) is loaded
 
     @property
     def version(self) -> str:
         return self.served.model_version
 
     def score(self, part: list[dict[str, Any]]) -> Scored:
+        if not self.warm:  # a cold worker waits for the load (a GGUF conversion: minutes), not /predict's 60 s
+            self.svc.annotator.warm(self.served, self.bar)
+            self.warm = True
         return predict_cached(self.svc, self.project_id, self.rubric, self.config, self.extra, part, self.served,
                               self.bar, self.policy, self.decoding, chunk=len(part), per_task_errors=True)
 
