@@ -378,6 +378,7 @@ def _check_context(base: LoadedBase, encoded: Sequence[Encoded]) -> None:
 
 
 def _score_unlocked(scorer: Scorer, model: Any, encoded: Any, candidates: Any) -> Any:
-    """The caller holds scorer.lock; Scorer.distributions would take it again, so bypass it."""
-    inner = Scorer(model, scorer.tokenizer, scorer.device, scorer.batch_size)
+    """The caller holds scorer.lock; Scorer.distributions would take it again, so bypass it. The prefix cache is
+    the serving scorer's: its keys carry the active adapter, so members and versions never mix."""
+    inner = Scorer(model, scorer.tokenizer, scorer.device, scorer.batch_size, scorer.reuse, scorer.prefixes)
     return inner.distributions(encoded, candidates)
