@@ -67,13 +67,21 @@ def start_workers(settings: Settings, ls: StubLabelStudio, n: int, logs: Path, e
     base = {**os.environ, "MODEL_DIR": str(settings.model_dir), "DATABASE_URL": settings.database_url,
             "REDIS_URL": settings.redis_url or "", "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN,
             "HEAD_EVERY": "0", **env}
+    gpus = gpu_count()
     procs = []
     for i in range(n):
+        own = {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus > 1 else {}  # a GPU per worker where there are several
         with open(logs / f"worker{i}.log", "w") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "slm_annotator.cli", "worker", "--queue", "bulk",
-                                           "--name", f"bench-bulk-{os.getpid()}-{i}"], env=base, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+                                           "--name", f"bench-bulk-{os.getpid()}-{i}"], env={**base, **own},
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     return procs
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def wait_workers(redis_url: str, n: int, timeout: float = 300) -> None:
@@ -100,6 +108,22 @@ def wait_done(store: Store, version: str, timeout: float) -> Any:
             raise RuntimeError(f"bulk run failed: {runs[0].last_error}")
         time.sleep(0.2)
     raise RuntimeError(f"bulk run of {version} not done within {timeout:.0f} s")
+
+
+def warm_up(s: Settings, redis_url: str, version: str, tasks: list[dict[str, Any]], workers: int) -> None:
+    """A bulk request of one chunk per worker (distinct ids): each worker loads the base before the timed run."""
+    from redis import Redis
+
+    from worker.policy import enqueue_bulk
+
+    warm = [{"id": 10**9 + i, "data": tasks[i]["data"]} for i in range(workers * s.bulk_chunk)]
+    store = Store(s.database_url)
+    enqueue_bulk(Redis.from_url(redis_url), s, PROJECT, version, "request", warm)
+    until = time.monotonic() + 1200
+    while not any(r.mode == "request" and r.status == "done" for r in store.bulk_runs(PROJECT)):
+        if time.monotonic() > until:
+            raise RuntimeError("warm-up run not done in 20 min")
+        time.sleep(0.5)
 
 
 def stop(procs: list[Any]) -> None:
@@ -148,11 +172,12 @@ def one_run(scenario: str, workers: int, n: int, chunk: int, redis_url: str, tim
                 assert outcome.status == "promoted", outcome.detail
                 version, promoted = outcome.model_version, time.monotonic()
             else:
+                from redis import Redis
+
                 svc = build_services(s)
                 version = svc.served_for(PROJECT).model_version
                 svc.close()
-                from redis import Redis
-
+                warm_up(s, redis_url, version, tasks, workers)  # every worker loads the model first: not timed
                 enqueue_bulk(Redis.from_url(redis_url), s, PROJECT, version, "missing")
                 promoted = time.monotonic()
             done = wait_done(store, version, timeout)
@@ -175,6 +200,7 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--label", default="cpu-2core")
+    ap.add_argument("--slm-chunk", type=int, default=16, help="BULK_CHUNK in the SLM scenario")
     args = ap.parse_args()
     from worker.redis_conn import ensure_embedded, stop_embedded
 
@@ -186,7 +212,7 @@ def main() -> int:
             rows.append(one_run("refresh", workers, args.tasks, args.chunk, redis_url, args.timeout))
             print(json.dumps(rows[-1]), flush=True)
             if args.slm_tasks:
-                rows.append(one_run("slm", workers, args.slm_tasks, min(args.chunk, 16), redis_url, args.timeout))
+                rows.append(one_run("slm", workers, args.slm_tasks, args.slm_chunk, redis_url, args.timeout))
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         stop_embedded(redis_dir)
