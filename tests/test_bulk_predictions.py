@@ -390,3 +390,33 @@ def test_bulk_progress_is_in_metrics_and_the_report(settings, embedded_redis_url
     report = client.get("/report/41.json").json
     assert report["bulk"][0]["done"] == 10 and report["bulk"][0]["status"] == "done"
     assert "Bulk predictions" in client.get("/report/41").get_data(as_text=True)
+
+
+def test_a_run_stops_when_a_newer_version_is_served_mid_run(settings, embedded_redis_url, stub_ls,
+                                                            monkeypatch) -> None:
+    """Two promotions in a row (a head every 10 labels): the first refresh stops at its next chunk instead of
+    writing predictions of a version nobody serves any more; the run says superseded."""
+    from types import SimpleNamespace
+
+    from backend.services import build_services
+    from worker.bulk import run_bulk
+
+    tasks = _tasks(12)
+    ls = stub_ls("41", tasks)
+    svc = build_services(_ls_settings(settings, embedded_redis_url, ls, bulk_chunk=4))
+    svc.store.upsert_project("41", label_config=CONFIG)
+    version = svc.served_for("41").model_version
+    real_store = ls.store
+
+    def promote_after_first_write(items: list[dict[str, Any]]) -> None:
+        real_store(items)
+        monkeypatch.setattr(svc.store, "served_adapter", lambda pid: SimpleNamespace(model_version="newer"))
+
+    ls.store = promote_after_first_write  # type: ignore[method-assign]
+    meta = run_bulk(svc, "41", version, "missing")
+    assert meta["status"] == "superseded" and meta["served"] == "newer"
+    assert meta["written"] == 4 and sum(ls.per_task(version).values()) == 4
+    run = svc.store.latest_bulk_runs()["41"]
+    assert run.status == "superseded" and run.finished_at is not None
+    monkeypatch.undo()
+    svc.close()

@@ -67,6 +67,15 @@ class BulkContext:
     def version(self) -> str:
         return self.served.model_version
 
+    def served_now(self) -> str:
+        row = self.svc.store.served_adapter(self.project_id)
+        return row.model_version if row is not None else self.svc.settings.base_version
+
+    def superseded(self) -> bool:
+        """A newer version is served now: this run's predictions would be stale before they land (its own refresh
+        job takes over). One read of the served row."""
+        return self.served_now() != self.version
+
     def score(self, part: list[dict[str, Any]]) -> Scored:
         if not self.warm:  # a cold worker waits for the load (a GGUF conversion: minutes), not /predict's 60 s
             self.svc.annotator.warm(self.served, self.bar)
@@ -195,7 +204,8 @@ def bulk_help(run_id: str, project_id: str, model_version: str, mode: str = "mis
         chunks = RedisChunks(job.connection, run_id, settings.bulk_job_timeout)
         before, owner = chunks.stats()["done"], execution_owner(job)
         while True:  # a dead worker's chunk (the run's owner killed, say) is done here too, without waiting
-            work(ctx, chunks, owner, lambda: mirror(svc.store, run_id, chunks))
+            if not work(ctx, chunks, owner, lambda: mirror(svc.store, run_id, chunks)):
+                return {"status": "superseded", "run": run_id}
             chunks.others_working(owner)
             if not chunks.todo():
                 break
@@ -249,7 +259,8 @@ def run_bulk(svc: Services, project_id: str, model_version: str | None, mode: st
         helpers(-(-total // svc.settings.bulk_chunk))
     try:
         while True:
-            work(ctx, chunks, owner, tracker.update)
+            if not work(ctx, chunks, owner, tracker.update):
+                return _superseded(svc, ctx, run_id, chunks, tracker)
             busy = chunks.others_working(owner)  # hands a dead helper's chunk back to the queue
             if not busy and not chunks.todo():
                 break
@@ -264,6 +275,15 @@ def run_bulk(svc: Services, project_id: str, model_version: str | None, mode: st
     chunks.close()
     log.info("bulk prediction of project %s with %s: %s", project_id, ctx.version,
              {k: meta[k] for k in ("total", "written", "skipped", "error_count")})
+    return meta
+
+
+def _superseded(svc: Services, ctx: BulkContext, run_id: str, chunks: Chunks, tracker: Tracker) -> dict[str, Any]:
+    """A newer version was served mid-run: stop here (its own refresh re-predicts the tasks)."""
+    meta = {**tracker.meta(), "status": "superseded", "served": ctx.served_now()}
+    mirror(svc.store, run_id, chunks, status="superseded", eta_s=None, finished=True)
+    chunks.close()
+    log.info("bulk run %s of project %s stopped: %s is served now", run_id, ctx.project_id, meta["served"])
     return meta
 
 
@@ -311,10 +331,15 @@ def mirror(store: Store, run_id: str, chunks: Chunks, finished: bool = False, **
         log.warning("bulk run %s: progress not saved: %s", run_id, exc)
 
 
-def work(ctx: BulkContext, chunks: Chunks, owner: str, on_chunk: Callable[[], None]) -> None:
-    """Takes chunks until none are left in the queue."""
+def work(ctx: BulkContext, chunks: Chunks, owner: str, on_chunk: Callable[[], None]) -> bool:
+    """Takes chunks until none are left in the queue; False when a newer version was served meanwhile."""
     with chunks.working(owner):
-        while (item := chunks.take(owner)) is not None:
+        while True:
+            if ctx.superseded():
+                return False
+            item = chunks.take(owner)
+            if item is None:
+                return True
             index, part = item
             chunks.finish(owner, index, process_chunk(ctx, owner, part, chunks.dead()))
             on_chunk()

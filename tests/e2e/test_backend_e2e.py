@@ -483,7 +483,9 @@ def test_a_whole_project_is_pre_annotated_and_refreshed_after_a_promotion(label_
 
         def served_head() -> str | None:
             v = backend.get(f"/versions/{pid}")
-            return v["served"] if v["served"] != base and v["labels"] >= 20 and not v["pending"] else None
+            served = next((a for a in v["adapters"] if a["model_version"] == v["served"]), None)
+            learnt = (((served or {}).get("metrics") or {}).get("head") or {}).get("labels", 0)
+            return v["served"] if learnt >= 20 else None
 
         version = wait_until("a head promoted on the 20 labels", served_head, timeout=300,
                              describe=lambda: versions_summary(backend.get(f"/versions/{pid}")))
