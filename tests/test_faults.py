@@ -17,7 +17,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from backend.app import create_app
+from backend.app import create_app, start_flusher
 from slm_annotator.schema import utcnow
 from slm_annotator.store import Store
 from tests.toy import CONFIG, fill, toy_label, worker_env
@@ -88,11 +88,14 @@ def test_worker_killed_mid_training_keeps_the_served_adapter_and_the_job_recover
     assert not list(Path(served.path).parent.glob(".tmp-*"))  # nothing half-written was left behind
 
 
-def test_redis_stopped_while_webhooks_arrive_loses_nothing_and_trains_after(settings, private_redis) -> None:
+def test_redis_stopped_while_webhooks_arrive_loses_nothing_and_trains_after(settings, private_redis, request) -> None:
     folder, url = private_redis
     settings = replace(settings, redis_url=url, train_threshold=40, train_epochs=2, train_lr=1e-2,
                        heldout_fraction=0.25, token_dropout_share=0.0, lora_r=8)
-    client = create_app(settings).test_client()
+    app = create_app(settings)
+    start_flusher(app.extensions["slm"])  # as `serve` does (start_background) in each of its processes
+    request.addfinalizer(app.extensions["slm"].close)  # the flusher stops with the test
+    client = app.test_client()
     client.post("/setup", json={"project": "11.5", "schema": CONFIG})
     store = Store(settings.database_url)
     events = []
