@@ -27,10 +27,10 @@ lint: install
 	$(BIN)/ruff check .
 
 bench: install
-	$(BIN)/python bench/bench_predict.py
+	$(BIN)/python -m bench.bench_predict
 
 bench-recipes: install  ## majority + embedding head on every dev set, 3 seeds; FLAGS="--slm-features --base --adapter" adds the SLM
-	$(BIN)/python bench/bench_recipes.py $(FLAGS)
+	$(BIN)/python -m bench.bench_recipes $(FLAGS)
 
 clean:
 	rm -rf $(VENV) .cache model_dir

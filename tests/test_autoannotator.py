@@ -310,7 +310,7 @@ def test_a_failing_unreachable_or_spent_judge_sends_items_to_humans(settings, ju
     wrong_key = route_predictions(rubric, tasks, [_pred(rubric, (2, 1))], policy, _judge(judge_url, "nope"), store,
                                   "9", settings, 0.0)
     assert wrong_key[0].route == "human" and wrong_key[0].score < 0
-    from tests.judge_server import free_port
+    from slm_annotator.testing import free_port
 
     closed = route_predictions(rubric, tasks, [_pred(rubric, (2, 1))], policy,
                                _judge(f"http://127.0.0.1:{free_port()}/v1", timeout=2.0), store, "9", settings, 0.0)

@@ -23,7 +23,7 @@ import requests
 from backend.app import create_app
 from slm_annotator import redact
 from slm_annotator.settings import load_settings
-from tests.e2e.backend_proc import BackendProcess
+from slm_annotator.testing import BackendProcess
 from tests.pg import PG_URL, fresh_schema
 from tests.toy import CONFIG, toy_label
 

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 from slm_annotator.settings import Settings
 from slm_annotator.store import LabelIn, Store
@@ -43,30 +38,3 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
             "TRAIN_EPOCHS": str(settings.train_epochs), "TRAIN_LR": str(settings.train_lr),
             "HELDOUT_FRACTION": str(settings.heldout_fraction), "LORA_R": str(settings.lora_r),
             "TOKEN_DROPOUT_SHARE": str(settings.token_dropout_share), **extra}
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.2) -> Any:
-    """The predicate's first truthy value; an AssertionError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (children, theirs, ...), read from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = (entry / "stat").read_text()
-                children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
