@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 9090
 
-.PHONY: install run test lint bench bench-recipes e2e clean
+.PHONY: install run test test-fast lint bench bench-recipes e2e clean
 
 $(BIN)/slm-annotator: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ run: install          ## install everything, start the backend (and a training w
 
 test: install         ## install everything and run the whole test suite (Label Studio end-to-end included)
 	SLM_E2E=1 $(BIN)/python -m pytest -q -ra
+
+test-fast: install    ## the quick tier (a few minutes' work skipped): no training, no real weights, no spawned servers or workers
+	$(BIN)/python -m pytest -q -ra -m "not slow and not e2e and not postgres and not gpu"
 
 lint: install
 	$(BIN)/ruff check .

@@ -189,6 +189,7 @@ def _clear_bulk_queue(redis_url: str) -> Any:
 
 
 # ------------------------------------------------------------------ 2. /predict within its budget, 3. bulk jobs
+@pytest.mark.slow  # a real worker process
 def test_predict_past_its_budget_answers_a_prefix_and_a_worker_writes_the_rest(
         settings, embedded_redis_url, stub_ls, monkeypatch) -> None:
     """A zero budget: the first chunk is answered, the rest goes to a bulk job that a real worker process runs;
@@ -220,6 +221,7 @@ def test_predict_past_its_budget_answers_a_prefix_and_a_worker_writes_the_rest(
     assert again["results"] == [] and ls.per_task(version) == {t["id"]: 1 for t in tasks}
 
 
+@pytest.mark.slow  # a bulk job over a whole project, run twice
 def test_bulk_job_reports_bad_tasks_survives_a_crash_and_writes_each_task_once(
         settings, embedded_redis_url, stub_ls, monkeypatch) -> None:
     from backend.services import build_services
@@ -275,6 +277,7 @@ def test_cli_predict_inline_shows_progress_and_fills_the_project(
 
 
 # ------------------------------------------------------------------------ 4. refresh after a promotion
+@pytest.mark.slow  # trains a head, then refreshes every task
 def test_a_promoted_head_refreshes_every_unlabelled_task_most_uncertain_first(
         settings, embedded_redis_url, stub_ls) -> None:
     from rq.job import Job

@@ -26,6 +26,8 @@ from tests.toy import CONFIG, fill, toy_label, worker_env
 from worker.pipeline import run_training
 from worker.policy import QUEUE_NAME, enqueue_training, job_id
 
+pytestmark = pytest.mark.slow  # real RQ workers, a redis-server stopped and started, training runs
+
 WORKER = [*CLI, "worker"]
 
 

@@ -23,7 +23,8 @@ from slm_annotator.testing import descendants as _descendants
 from slm_annotator.testing import wait_for as _wait
 from tests.toy import fill
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+pytestmark = [pytest.mark.slow,  # `serve` with its workers and Redis, signalled and restarted
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")]
 
 
 class Serve(BackendProcess):

@@ -156,6 +156,7 @@ def test_no_secret_in_logs_or_metrics_in_process(settings, monkeypatch, caplog, 
         _assert_clean(record.getMessage() + (record.exc_text or ""), f"log record {record.name}")
 
 
+@pytest.mark.slow  # `serve` and its worker, for real
 @pytest.mark.postgres
 def test_no_secret_in_the_logs_of_a_real_server_and_worker(tmp_path: Path, tiny_model_dir: Path, label_studio: str,
                                                             pg_url_with_password: str) -> None:

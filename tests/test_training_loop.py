@@ -14,6 +14,8 @@ from slm_annotator.store import Store
 from tests.toy import CONFIG, fill, worker_env
 from worker.pipeline import run_training
 
+pytestmark = pytest.mark.slow  # training runs and RQ worker processes
+
 
 @pytest.fixture
 def train_settings(settings):
