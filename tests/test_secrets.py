@@ -23,7 +23,7 @@ import requests
 from backend.app import create_app
 from slm_annotator import redact
 from slm_annotator.settings import load_settings
-from slm_annotator.testing import BackendProcess
+from slm_annotator.testing import BackendProcess, wait_for
 from tests.pg import PG_URL, fresh_schema
 from tests.toy import CONFIG, toy_label
 
@@ -181,12 +181,13 @@ def test_no_secret_in_the_logs_of_a_real_server_and_worker(tmp_path: Path, tiny_
                               headers=hook, timeout=10)
         assert reply.json()["training"] == "queued"
         backend.post("/predict", json={"tasks": "nope"}, expect=(400,))
-        deadline = time.monotonic() + 120
-        runs: list[dict[str, Any]] = []
-        while time.monotonic() < deadline and not (runs and runs[-1]["status"] != "running"):
-            time.sleep(0.5)
+
+        def finished() -> list[dict[str, Any]] | None:
             runs = [r for r in backend.get("/versions/52")["runs"] if r["trigger"] != "sync"]  # syncs: own runs
-        assert runs and runs[-1]["status"] in {"promoted", "refused", "skipped"}, runs
+            return runs if runs and runs[-1]["status"] != "running" else None
+
+        runs = wait_for(finished, 120, "project 52's training run to end", 0.5)
+        assert runs[-1]["status"] in {"promoted", "refused", "skipped"}, runs
         metrics = requests.get(f"{url}/metrics", auth=(USER, PASSWORD), timeout=10).text
     log = backend.log_text()
     assert '"GET /versions/52' in log and "401" in log, "the gunicorn access log must be in the captured output"
