@@ -62,7 +62,7 @@ from bench.harness import (
 )
 from model.devdata import DevItem
 from slm_annotator.store import Store
-from slm_annotator.testing import BackendProcess, RedisServer, free_port
+from slm_annotator.testing import TOY_CONFIG, BackendProcess, RedisServer, free_port, toy_label
 from slm_annotator.testing import WorkerProcess as Worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,13 +272,11 @@ def predictor(b: Bench, port: int, rubric: Any, stats: PredictStats, stop: threa
 
 # ------------------------------------------------------------------------------------------------------ training
 def toy_webhooks(n_tasks: int) -> list[dict[str, Any]]:
-    from tests.toy import CONFIG, toy_label
-
     out = []
     for t in range(n_tasks):
         for r, rater in enumerate(["ann", "bob"]):
             label = toy_label(t, 1 + t * 2 + r, rater)
-            out.append({"action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": CONFIG},
+            out.append({"action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": TOY_CONFIG},
                         "task": {"id": label.task_id, "data": label.task_data},
                         "annotation": {"id": label.annotation_id, "task": label.task_id, "result": label.result,
                                        "completed_by": {"email": f"{rater}@example.com"},
@@ -287,10 +285,8 @@ def toy_webhooks(n_tasks: int) -> list[dict[str, Any]]:
 
 
 def start_training(b: Bench) -> None:
-    from tests.toy import CONFIG
-
     port = b.backend.port
-    status, reply = request(port, "POST", "/setup", {"project": f"{TRAIN_PROJECT}.1700000000", "schema": CONFIG,
+    status, reply = request(port, "POST", "/setup", {"project": f"{TRAIN_PROJECT}.1700000000", "schema": TOY_CONFIG,
                                                       "hostname": "http://127.0.0.1:1", "access_token": "x"})
     assert status == 200, reply
     answers = []

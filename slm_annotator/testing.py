@@ -6,6 +6,7 @@ both import, and that imports no pytest.
 - WorkerProcess: `slm-annotator worker` in a session of its own (its work horse and scheduler share its group).
 - BackendProcess: `slm-annotator serve` in its own process group, healthy before start() returns.
 - JudgeProcess: `slm-annotator judge-serve`, answering /v1/models before start() returns.
+- TOY_CONFIG, toy_label, fill: a toy rubric a tiny random model learns in seconds (the sentiment word decides).
 
     with BackendProcess(tmp_path / "model_dir", {"BASE_MODEL": "..."}) as backend:
         backend.get("/health")
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,9 +24,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
+
+if TYPE_CHECKING:
+    from slm_annotator.store import LabelIn, Store
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout, for an editable install (what tests and bench use)
 BIN = Path(sys.executable).parent
@@ -46,6 +51,33 @@ SETTINGS_ENV = (
     "PRICE_JUDGE_OUTPUT", "PRICE_SLM_HOUR", "PRICE_HUMAN_ITEM", "HARD_POOL_SIZE", "REPLAY_RATIO",
     "FORGETTING_TOLERANCE",
 )
+
+
+# ------------------------------------------------------------------------------------------------------ toy labels
+TOY_CONFIG = """<View><Text name="text" value="$text"/>
+<Choices name="sentiment" toName="text"><Choice value="pos"/><Choice value="neg"/></Choices></View>"""
+GOOD = ["great", "wonderful", "happy", "excellent", "lovely", "superb"]
+BAD = ["awful", "terrible", "sad", "horrible", "nasty", "dreadful"]
+
+
+def toy_label(t: int, annotation_id: int, rater: str, flip: bool = False) -> LabelIn:
+    """Task t+1's label by `rater`: even tasks are positive, and the text repeats one sentiment word."""
+    from slm_annotator.store import LabelIn
+
+    rng = random.Random(t)
+    positive = t % 2 == 0
+    word = rng.choice(GOOD if positive else BAD)
+    value = "pos" if positive != flip else "neg"
+    result = [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [value]}}]
+    return LabelIn(annotation_id, t + 1, rater, result, {"sentiment": value}, {"text": " ".join([word] * 40)})
+
+
+def fill(store: Store, project: str, n_tasks: int = 60, flip: bool = False, start_id: int = 1) -> None:
+    """n_tasks tasks, two agreeing raters each."""
+    store.upsert_project(project, label_config=TOY_CONFIG)
+    for t in range(n_tasks):
+        for r, rater in enumerate(["ann", "bob"]):
+            store.upsert_label(project, toy_label(t, start_id + t * 2 + r, rater, flip))
 
 
 # ------------------------------------------------------------------------------------------------- waiting, ports

@@ -1,34 +1,13 @@
-"""A toy rubric a tiny random model learns in seconds: the sentiment word decides the label."""
+"""The toy rubric (slm_annotator.testing: the sentiment word decides the label) and the worker environment of a test."""
 
 from __future__ import annotations
 
 import os
-import random
 
 from slm_annotator.settings import Settings
-from slm_annotator.store import LabelIn, Store
+from slm_annotator.testing import BAD, GOOD, TOY_CONFIG, fill, toy_label  # noqa: F401 (tests import them here)
 
-CONFIG = """<View><Text name="text" value="$text"/>
-<Choices name="sentiment" toName="text"><Choice value="pos"/><Choice value="neg"/></Choices></View>"""
-GOOD = ["great", "wonderful", "happy", "excellent", "lovely", "superb"]
-BAD = ["awful", "terrible", "sad", "horrible", "nasty", "dreadful"]
-
-
-def toy_label(t: int, annotation_id: int, rater: str, flip: bool = False) -> LabelIn:
-    rng = random.Random(t)
-    positive = t % 2 == 0
-    word = rng.choice(GOOD if positive else BAD)
-    value = "pos" if positive != flip else "neg"
-    result = [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [value]}}]
-    return LabelIn(annotation_id, t + 1, rater, result, {"sentiment": value}, {"text": " ".join([word] * 40)})
-
-
-def fill(store: Store, project: str, n_tasks: int = 60, flip: bool = False, start_id: int = 1) -> None:
-    """n_tasks tasks, two agreeing raters each."""
-    store.upsert_project(project, label_config=CONFIG)
-    for t in range(n_tasks):
-        for r, rater in enumerate(["ann", "bob"]):
-            store.upsert_label(project, toy_label(t, start_id + t * 2 + r, rater, flip))
+CONFIG = TOY_CONFIG
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
