@@ -23,7 +23,7 @@ run: install          ## install everything, start the backend (and a training w
 test: install         ## install everything and run the whole test suite (Label Studio end-to-end included)
 	SLM_E2E=1 $(BIN)/python -m pytest -q -ra
 
-test-fast: install    ## the quick tier (a few minutes' work skipped): no training, no real weights, no spawned servers or workers
+test-fast: install    ## the quick tier, under 2 min on 2 cores: no training runs, real weights, spawned servers or workers
 	$(BIN)/python -m pytest -q -ra -m "not slow and not e2e and not postgres and not gpu"
 
 lint: install
