@@ -26,8 +26,9 @@ test: install         ## install everything and run the whole test suite (Label 
 test-fast: install    ## the quick tier, under 2 min on 2 cores: no training runs, real weights, spawned servers or workers
 	$(BIN)/python -m pytest -q -ra -m "not slow and not e2e and not postgres and not gpu"
 
-lint: install
+lint: install         ## ruff, then the import contracts in pyproject.toml ([tool.importlinter])
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python -m bench.bench_predict

@@ -1,23 +1,31 @@
-"""Validation of what Label Studio sends: every problem becomes an ApiError that names it."""
+"""HTTP checks of what Label Studio sends: every problem becomes an ApiError that names it.
+
+How an annotation becomes a label is `slm_annotator.labelstudio.annotations`; this module only wraps its errors."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import Request
 
 from backend.errors import ApiError
+from slm_annotator.labelstudio.annotations import (
+    INT64,
+    AnnotationError,
+    clean_text,
+    in_int64,
+    label_from_annotation,
+)
+from slm_annotator.labelstudio.url import UrlError, base_url
 from slm_annotator.store import LabelIn
+
+__all__ = ["INT64", "clean_text", "int64", "json_body", "label_from", "label_studio_url", "project_id"]
 
 PROJECT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_JSON_DEPTH = 100  # Label Studio's payloads nest < 10 deep; deeper only exhausts the stack downstream
-INT64 = 2**63
-FUTURE_SKEW = timedelta(seconds=60)  # clocks of Label Studio and the backend may differ this much
 # A UTF-16 surrogate, escaped (\ud800) or as raw bytes (json.loads decodes bytes with surrogatepass).
 _SURROGATE_IN_RAW = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # paired ones are already decoded into one character
@@ -73,33 +81,18 @@ def json_body(request: Request) -> dict[str, Any]:
 
 def int64(value: int, what: str) -> int:
     """Label Studio ids are 64-bit; a larger one cannot be stored (and is not Label Studio's)."""
-    if not -INT64 <= value < INT64:
-        raise ApiError(400, f"{what} {str(value)[:40]} is out of range (a 64-bit integer)")
-    return value
-
-
-def clean_text(value: str, limit: int | None = None) -> str:
-    """For text columns: PostgreSQL refuses NUL characters in text."""
-    value = value.replace("\x00", "")
-    return value[:limit] if limit else value
+    try:
+        return in_int64(value, what)
+    except AnnotationError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def label_studio_url(raw: str) -> str:
-    """A Label Studio base URL: http(s), a host, maybe a path prefix; no credentials, query or fragment, which
-    would let the sender choose the path that sync's requests (with the API key) go to."""
-    text = clean_text(raw).strip().rstrip("/")
+    """A Label Studio base URL (``labelstudio.url.base_url``); a bad one is a 400."""
     try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError:
-        raise ApiError(400, f"'hostname' {raw[:80]!r} is not a URL") from None
-    if len(text) > 512 or parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise ApiError(400, f"'hostname' {raw[:80]!r} must be an http(s) URL of Label Studio (at most 512 characters)")
-    if parts.username or parts.password or parts.query or parts.fragment or "?" in text or "#" in text \
-            or any(c in text for c in "\r\n\t "):
-        raise ApiError(400, f"'hostname' {raw[:80]!r} must be Label Studio's base URL, without credentials, "
-                            "query or fragment")
-    return text
+        return base_url(raw)
+    except UrlError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def project_id(raw: Any, required: bool = True) -> str:
@@ -118,58 +111,9 @@ def project_id(raw: Any, required: bool = True) -> str:
     return text
 
 
-def parse_time(raw: Any) -> datetime | None:
-    """Label Studio's updated_at as naive UTC. One later than now + FUTURE_SKEW is now: labels are ordered by it,
-    and a forged label stamped 2099 would otherwise never be overwritten by the annotator's real one."""
-    if not isinstance(raw, str) or not raw:
-        return None
-    try:
-        stamp = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except (ValueError, OverflowError):
-        return None
-    if stamp.tzinfo is not None:
-        try:
-            stamp = stamp.astimezone(UTC).replace(tzinfo=None)
-        except OverflowError:
-            return None
-    now = datetime.now(UTC).replace(tzinfo=None)
-    return now if stamp > now + FUTURE_SKEW else stamp
-
-
-def annotator_of(annotation: dict[str, Any]) -> str:
-    who = annotation.get("completed_by")
-    if isinstance(who, dict):
-        who = who.get("email") or who.get("id")
-    return "" if who is None else clean_text(str(who)[:300], 255)
-
-
 def label_from(annotation: Any, task: Any, source: str, values: dict[str, str]) -> LabelIn:
-    if not isinstance(annotation, dict):
-        raise ApiError(400, "'annotation' must be a JSON object")
-    ann_id = annotation.get("id")
-    if isinstance(ann_id, bool) or not isinstance(ann_id, int):
-        raise ApiError(400, "'annotation.id' must be an integer")
-    int64(ann_id, "'annotation.id'")
-    result = annotation.get("result", [])
-    if not isinstance(result, list):
-        raise ApiError(400, "'annotation.result' must be a list")
-    task = task if isinstance(task, dict) else {}
-    task_id = annotation.get("task", task.get("id"))
-    if isinstance(task_id, dict):
-        task_id = task_id.get("id")
-    if task_id is not None and (isinstance(task_id, bool) or not isinstance(task_id, int)):
-        raise ApiError(400, "'annotation.task' must be an integer task id")
-    if task_id is not None:
-        int64(task_id, "'annotation.task'")
-    data = task.get("data") if isinstance(task.get("data"), dict) else {}
-    return LabelIn(
-        annotation_id=ann_id,
-        task_id=task_id,
-        annotator=annotator_of(annotation),
-        result=result,
-        values=values,
-        task_data=data,
-        cancelled=bool(annotation.get("was_cancelled")),
-        ls_updated_at=parse_time(annotation.get("updated_at")) or parse_time(annotation.get("created_at")),
-        source=source,
-    )
+    """The webhook's label; what is wrong with the annotation is a 400 that names the field."""
+    try:
+        return label_from_annotation(annotation, task, source, values)
+    except AnnotationError as exc:
+        raise ApiError(400, str(exc)) from None

@@ -78,6 +78,23 @@ def _degraded(svc: Services) -> list[str]:
         when = (run.finished_at or run.started_at).isoformat(timespec="seconds") + "Z"
         reason = (run.error or "").strip().splitlines()[-1][:200] if run.error else "no detail"
         out.append(f"project {run.project_id}: {what} failed at {when}: {reason}")
+    return out + _bulk_trouble(svc)
+
+
+def _bulk_trouble(svc: Services) -> list[str]:
+    """Bulk prediction runs waiting for a Label Studio that is down, or failed (RQ retries them)."""
+    try:
+        runs = svc.store.latest_bulk_runs()
+    except Exception as exc:
+        log.warning("/health could not read the bulk runs: %s", type(exc).__name__)
+        return []
+    out = []
+    for pid, run in sorted(runs.items()):
+        if run.status in {"waiting", "failed"}:
+            when = run.updated_at.isoformat(timespec="seconds") + "Z"
+            verb = "waiting since" if run.status == "waiting" else "failed at"
+            out.append(f"project {pid}: bulk prediction {verb} {when} ({run.done}/{run.total} tasks): "
+                       f"{run.last_error.strip()[:200] or 'no detail'}")
     return out
 
 
@@ -216,7 +233,10 @@ def predict() -> Any:
     if not tracked:
         return jsonify(results=scored.entries, model_version=version)
     n = _reply_length(svc, pid, version, ids, scored.prefix())
-    reply: dict[str, Any] = {"results": scored.entries[:n], "model_version": version}
+    # Label Studio pairs results with tasks by position and stores nothing from a reply of another length
+    # (ml/models.py, _get_predictions_from_ml_backend): every task gets an entry, and one not answered now is an
+    # empty list (no prediction for that task); a bulk job writes it through the API.
+    reply: dict[str, Any] = {"results": [*scored.entries[:n], *([] for _ in tasks[n:])], "model_version": version}
     if n < len(tasks):
         rest = [{"id": t["id"], "data": t["data"]} for t in tasks[n:]]
         reply["background"] = {"tasks": len(rest), "job": svc.trigger.bulk(pid, version, rest)}
@@ -227,23 +247,15 @@ def predict() -> Any:
 
 
 def _reply_length(svc: Services, pid: str, version: str, ids: list[Any], prefix: int) -> int:
-    """How many leading tasks the reply carries. Label Studio pairs results with tasks by position and stores a
-    shorter list as it is (ml/models.py, handle_prediction_results: zip, a warning), except that ONE result for
-    several tasks switches it to one /predict per task: then nothing is returned and the job does all. Tasks a
-    bulk job holds or wrote are left to it (store.reply_claims), so no task gets two predictions of a version."""
-    if prefix == 1 and len(ids) > 1:
-        prefix = 0
+    """How many leading tasks the reply answers. Tasks a bulk job holds or wrote are left to it
+    (store.reply_claims), so no task gets two predictions of a version."""
     if prefix == 0:
         return 0
     try:
-        n = svc.store.reply_claims(pid, version, ids[:prefix])
+        return svc.store.reply_claims(pid, version, ids[:prefix])
     except Exception:
         log.exception("project %s: could not mark the tasks of a /predict reply; answering all scored ones", pid)
         return prefix
-    if n == 1 and len(ids) > 1:
-        svc.store.unreply(pid, version, ids[:1])
-        return 0
-    return n
 
 
 @bp.post("/webhook")

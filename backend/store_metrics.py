@@ -1,5 +1,5 @@
 """Per-project gauges read from the store at scrape time: labels stored, served adapter version, its held-out
-model-vs-human alpha per dimension, and training runs by outcome.
+model-vs-human alpha per dimension, training runs by outcome, and the latest bulk prediction run's progress.
 
 A collector rather than gauges set in request handlers: gunicorn runs several processes and the worker is
 another one, but the store is the one place that always knows.
@@ -67,7 +67,26 @@ class StoreCollector(Collector):
             runs.add_metric([pid, status], count)
         for pid, latest in sorted(latest_all.items()):
             last.add_metric([pid, latest.status], latest.finished_at.timestamp())  # type: ignore[union-attr]
-        return [labels, version, alpha, runs, last, *self._route_families()]
+        return [labels, version, alpha, runs, last, *self._bulk_families(), *self._route_families()]
+
+    def _bulk_families(self) -> list[GaugeMetricFamily]:
+        """The latest bulk prediction run per project (worker.bulk): tasks by state, rate, ETA, running or not."""
+        tasks = GaugeMetricFamily("slm_bulk_tasks", "Tasks of the project's latest bulk prediction run, by state "
+                                  "(total, done, written, skipped, errors)", labels=["project", "state"])
+        rate = GaugeMetricFamily("slm_bulk_tasks_per_second", "Throughput of the latest bulk run", labels=["project"])
+        eta = GaugeMetricFamily("slm_bulk_eta_seconds", "Estimated seconds left in the latest bulk run",
+                                labels=["project"])
+        status = GaugeMetricFamily("slm_bulk_run_status", "1 for the latest bulk run's status (running, waiting: "
+                                   "Label Studio unreachable, done, failed, superseded)", labels=["project", "status"])
+        for pid, run in sorted(self.store.latest_bulk_runs().items()):
+            for state in ("total", "done", "written", "skipped", "errors"):
+                tasks.add_metric([pid, state], getattr(run, state))
+            if run.tasks_per_s is not None:
+                rate.add_metric([pid], run.tasks_per_s)
+            if run.eta_s is not None:
+                eta.add_metric([pid], run.eta_s)
+            status.add_metric([pid, run.status], 1)
+        return [tasks, rate, eta, status]
 
     def _route_families(self) -> list[GaugeMetricFamily]:
         """Per project and route (slm | judge | human): items, tokens, compute seconds, estimated cost."""

@@ -80,9 +80,9 @@ def agreement(rubric: Rubric, examples: list[Example], values: list[dict[str, st
 
 
 def consensus_values(rubric: Rubric, examples: list[Example]) -> list[dict[str, str]]:
-    from model.dataset import _majority
+    from model.dataset import majority_values
 
-    return [_majority(e, rubric) for e in examples]
+    return [majority_values(e, rubric) for e in examples]
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ import numpy as np
 from model.agreement import mean_pairwise_human_alpha, mean_pairwise_model_alpha, model_vs_consensus
 from model.dataset import Example, split_heldout
 from model.decoding import fit_decision
-from model.devdata import DevItem, _group_rank, load_goemotions, load_lewidi
+from model.devdata import DevItem, group_rank, load_goemotions, load_lewidi
 from model.experiment import examples_of, load_devset, split_devset
 from model.heads import DEFAULT_ENCODER, SentenceEncoder, features, is_ordered, train_head
 from model.heldout import scale_value
@@ -98,7 +98,7 @@ def take(items: Sequence[DevItem], n: int, seed: int) -> list[DevItem]:
     """n items drawn by seed, whole groups first (groups in sha256(seed:group) order), kept in file order."""
     if n >= len(items):
         return list(items)
-    order = sorted(range(len(items)), key=lambda i: (_group_rank(items[i].group, seed), i))
+    order = sorted(range(len(items)), key=lambda i: (group_rank(items[i].group, seed), i))
     return [items[i] for i in sorted(order[:n])]
 
 

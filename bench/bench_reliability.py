@@ -137,9 +137,9 @@ def load_items() -> tuple[str, list[DevItem]]:
         return dev.label_config, dev.items
     except (OSError, ValueError) as exc:
         log.info("USR data unavailable (%s): synthetic items on the USR config", exc)
-    from model.devdata import _usr_config
+    from model.devdata import usr_config
 
-    config = _usr_config()  # the config the harness's payloads are written for (its control names and types)
+    config = usr_config()  # the config the harness's payloads are written for (its control names and types)
     fixtures = ROOT / "tests" / "fixtures" / "label_configs"
     data = json.loads((fixtures / "usr_personachat.task.json").read_text())["data"]
     if isinstance(data.get("context"), list):
@@ -495,9 +495,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if Path(args.base_model).exists():
         args.base_model = str(Path(args.base_model).resolve())
     if not args.redis_server:
-        from worker.redis_conn import _server_binary
+        from worker.redis_conn import server_binary
 
-        args.redis_server = _server_binary()
+        args.redis_server = server_binary()
     return args
 
 

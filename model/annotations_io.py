@@ -4,12 +4,22 @@ report page and ``learning-curve`` compute agreement the same way whatever the l
 
 Values stay strings as Label Studio stores them; ``DimSpec.number`` turns them into what Krippendorff's alpha
 wants (scale position for nominal/ordinal, the number itself for interval).
+
+"Who rated what" has one shape per use, and these are the only ways between them:
+
+- ``Ratings`` (here; rater -> item -> dimension -> value, models apart): agreement statistics and reports. Built
+  by ``from_ls_tasks``, ``from_rows`` (both behind ``read_ratings``) and ``from_store``.
+- ``model.dataset.Example`` (one task, rater -> dimension -> value): what training and the promotion gate read.
+  Built from stored labels by ``dataset.examples_from_labels`` (the store's rows, re-parsed against today's
+  rubric) and from a dev set by ``experiment.examples_of``.
+- ``model.devdata.DevSet``/``DevItem`` (a label config plus items with split groups): the research dev sets and
+  ``learning-curve --data``. Built by the loaders in devdata and from ``Ratings`` by ``to_devset``.
+- A label as stored (``slm_annotator.store.LabelIn`` in, ``schema.Annotation`` out) is not a rating: it keeps
+  Label Studio's raw result, made by ``slm_annotator.labelstudio.annotations.label_from_annotation``.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,12 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
-from backend.payloads import annotator_of
 from model.agreement import LEVELS, Level
 from model.devdata import DevItem, DevSet
-from model.results import _nearest, values_from_result
-from model.rubric import Rubric, RubricError, _fmt_number, parse_label_config
-from worker.importer import _result_item
+from model.results import nearest, result_item, values_from_result
+from model.rubric import Rubric, RubricError, fmt_number, parse_label_config
+from slm_annotator.labelstudio.annotations import annotator_of
+from slm_annotator.labelstudio.files import LabelFileError, read_rows
 
 if TYPE_CHECKING:
     from slm_annotator.store import Store
@@ -164,7 +174,7 @@ def result_values(rubric: Rubric, result: Any) -> dict[str, str]:
             value = item.get("value")
             raw = value.get("number") if isinstance(value, dict) else None  # a stored forgery: not a number
             if isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw):
-                values[numbers[item["from_name"]]] = _fmt_number(float(raw))
+                values[numbers[item["from_name"]]] = fmt_number(float(raw))
     return values
 
 
@@ -177,7 +187,7 @@ def _interval_values(dims: list[DimSpec], ratings: Ratings) -> list[DimSpec]:
                     for vals in by_item.values() if (v := vals.get(dim.key)) is not None}
             numbers = sorted({x for v in seen if (x := _float(v)) is not None})
             if numbers:
-                dim = replace(dim, values=tuple(_fmt_number(x) for x in numbers))
+                dim = replace(dim, values=tuple(fmt_number(x) for x in numbers))
         out.append(dim)
     return out
 
@@ -313,13 +323,13 @@ def _infer_dim(key: str, values: set[str]) -> DimSpec:
     if values and all(x is not None and math.isfinite(x) for x in numbers.values()):
         canon = sorted({float(x) for x in numbers.values() if x is not None})
         integer = all(x.is_integer() for x in canon) and len(canon) <= MAX_INTEGER_SCALE
-        return DimSpec(key, "ordinal" if integer else "interval", tuple(_fmt_number(x) for x in canon), key)
+        return DimSpec(key, "ordinal" if integer else "interval", tuple(fmt_number(x) for x in canon), key)
     return DimSpec(key, "nominal", tuple(sorted(values)), key)
 
 
 def _canonical(dim: DimSpec, value: str) -> str:
     x = _float(value)
-    return _fmt_number(x) if dim.level != "nominal" and x is not None else value
+    return fmt_number(x) if dim.level != "nominal" and x is not None else value
 
 
 def _rubric_cells(rubric: Rubric, cells: list[tuple[str, str, str, str | None]]
@@ -333,7 +343,7 @@ def _rubric_cells(rubric: Rubric, cells: list[tuple[str, str, str, str | None]]
             out.append((item, rater, col, value))
         elif col in by_control and value is not None:
             try:
-                entry = _result_item(by_control[col], value)
+                entry = result_item(by_control[col], value)
             except ValueError as exc:
                 raise InputError(f"item {item!r}, rater {rater!r}: {col}={value!r} is not valid: {exc}") from exc
             values = result_values(rubric, [entry] if entry else [])
@@ -400,25 +410,12 @@ def _assemble(rows: Sequence[dict[str, Any]], cells: list[tuple[str, str, str, s
 # -- files -----------------------------------------------------------------------------------------------
 
 
-def _load_rows(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8-sig")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            return list(csv.DictReader(text.splitlines()))
-        if suffix in {".jsonl", ".ndjson"}:
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-    except (json.JSONDecodeError, csv.Error) as exc:
-        raise InputError(f"{path}: cannot be parsed: {exc}") from exc
-    if not isinstance(data, list):
-        raise InputError(f"{path}: expected a JSON list (a Label Studio export) or JSONL rows")
-    return data
-
-
 def read_ratings(path: Path, label_config: str | None = None, opts: RowOptions | None = None) -> Ratings:
     """A Label Studio JSON export (tasks with ``annotations``), or CSV/JSONL/JSON rows, long or wide."""
-    rows = _load_rows(path)
+    try:
+        rows = read_rows(path)
+    except LabelFileError as exc:
+        raise InputError(str(exc)) from exc
     if not rows:
         raise InputError(f"{path}: no rows")
     bad = next((n for n, r in enumerate(rows) if not isinstance(r, dict)), None)
@@ -448,7 +445,7 @@ def to_devset(ratings: Ratings, name: str) -> DevSet:
     grids = {d.key: d.values for d in rubric.dimensions if d.control_type == "number"}
     for it in items:  # training targets are points of the prediction grid
         for vals in it.ratings.values():
-            vals.update({k: _nearest(grids[k], float(v)) or v for k, v in vals.items() if k in grids})
+            vals.update({k: nearest(grids[k], float(v)) or v for k, v in vals.items() if k in grids})
     levels: dict[str, Level] = {d.key: d.level for d in rubric.dimensions}
     return DevSet(name, ratings.label_config, items, levels, {d.key: d.values for d in rubric.dimensions})
 

@@ -74,6 +74,17 @@ class Annotator:
             self._heads.move_to_end(folder)
             return self._heads[folder]
 
+    def warm(self, served: Served, bar: float | None) -> None:
+        """Loads the SLM now if this version needs it, waiting as long as a load may take: a background job (a
+        bulk run) has no Label Studio timeout to answer within, unlike /predict, whose wait is short."""
+        if served.plan is None:
+            needs = served.adapter is not None or bar is None
+        else:
+            plan = served.plan.with_bar(bar)
+            needs = served.adapter is not None and (plan.needs("adapter") or not plan.head)
+        if needs:
+            self.model.ensure_loaded(wait=self.model.load_timeout)
+
     def predict(self, rubric: Rubric, tasks: Sequence[dict[str, Any]], served: Served, bar: float | None,
                 members: int = 1, decoding: str = "argmax") -> list[TaskPrediction]:
         version = served.model_version

@@ -1,11 +1,16 @@
-"""Training examples from stored labels: one example per task, soft targets from all its raters."""
+"""Training examples from stored labels: one example per task, soft targets from all its raters.
+
+``Example`` is the per-task view of who rated what that training, the promotion gate and the dev-set experiments
+read; ``examples_from_labels`` builds it from stored labels (anything shaped like ``StoredLabel``: the store's rows
+as they come from ``Store.labels``). Which shape is for what: see ``model.annotations_io``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from model.results import values_from_result
 from model.rubric import Rubric
@@ -32,13 +37,19 @@ class Example:
         return out
 
 
-@dataclass(frozen=True)
-class StoredLabel:
-    task_id: int | None
-    annotator: str
-    result: list[Any]
-    task_data: dict[str, Any]
-    hard: bool = False
+class StoredLabel(Protocol):
+    """What training reads of a stored label: the store's rows (``Store.labels``) and ``LabelIn`` are ones."""
+
+    @property
+    def task_id(self) -> int | None: ...
+    @property
+    def annotator(self) -> str: ...
+    @property
+    def result(self) -> list[Any]: ...
+    @property
+    def task_data(self) -> dict[str, Any]: ...
+    @property
+    def hard(self) -> bool: ...
 
 
 def examples_from_labels(rubric: Rubric, labels: Iterable[StoredLabel]) -> list[Example]:
@@ -55,7 +66,7 @@ def examples_from_labels(rubric: Rubric, labels: Iterable[StoredLabel]) -> list[
             example.ratings.setdefault(rater, {}).update(values)
         example.hard = example.hard or label.hard
     missing = set(rubric.data_keys)
-    return [e for e in by_task.values() if e.ratings and e.data and missing <= _flat_keys(e.data)]
+    return [e for e in by_task.values() if e.ratings and e.data and missing <= flat_keys(e.data)]
 
 
 LABEL_MODES = ("soft", "majority", "per_rater")
@@ -72,11 +83,11 @@ def relabel(examples: Sequence[Example], rubric: Rubric, mode: str) -> list[Exam
     if mode == "per_rater":
         return [Example(f"{e.task_key}#{r}", e.data, {r: v}, e.hard) for e in examples for r, v in e.ratings.items()]
     if mode == "majority":
-        return [Example(e.task_key, e.data, {"majority": _majority(e, rubric)}, e.hard) for e in examples]
+        return [Example(e.task_key, e.data, {"majority": majority_values(e, rubric)}, e.hard) for e in examples]
     raise ValueError(f"label mode must be one of {LABEL_MODES}, got {mode!r}")
 
 
-def _majority(example: Example, rubric: Rubric) -> dict[str, str]:
+def majority_values(example: Example, rubric: Rubric) -> dict[str, str]:
     """Most frequent value per dimension; ties go to the tied value nearest the raters' mean (lowest first)."""
     out: dict[str, str] = {}
     for dim, dist in zip(rubric.dimensions, example.targets(rubric), strict=True):
@@ -90,7 +101,7 @@ def _majority(example: Example, rubric: Rubric) -> dict[str, str]:
     return out
 
 
-def _flat_keys(data: dict[str, Any]) -> set[str]:
+def flat_keys(data: dict[str, Any]) -> set[str]:
     keys = set(data)
     for key, value in data.items():
         if isinstance(value, dict):

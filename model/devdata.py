@@ -1,4 +1,5 @@
-"""Loaders for the human-rated dev sets in ../shared/data, in one shape: Label Studio task data, a label
+"""Loaders for the human-rated dev sets in ../shared/data, in one shape (``DevSet``; how it relates to the other
+shapes of who rated what: ``model.annotations_io``): Label Studio task data, a label
 config that matches it, and per-rater ratings keyed by the config's control names.
 
 One shape lets the same evaluation code score the model on every set and compare it with the humans'
@@ -149,7 +150,7 @@ USR_DIMENSIONS: dict[str, tuple[str, tuple[int, int], str]] = {
 }
 
 
-def _usr_config() -> str:
+def usr_config() -> str:
     parts = [
         "<View>",
         '  <Header value="Conversation history"/>',
@@ -211,7 +212,7 @@ def load_usr_personachat() -> DevSet:
     }
     return DevSet(
         "usr-personachat",
-        _usr_config(),
+        usr_config(),
         items,
         levels,
         domains,
@@ -506,7 +507,7 @@ def load_goemotions(split: str = "dev", labels: list[str] | None = None, limit: 
 # Splits
 
 
-def _group_rank(group: str, seed: int) -> str:
+def group_rank(group: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()
 
 
@@ -520,7 +521,7 @@ def fixed_split(
     """
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
-    groups = sorted({item.group for item in items}, key=lambda g: _group_rank(g, seed))
+    groups = sorted({item.group for item in items}, key=lambda g: group_rank(g, seed))
     test_groups = set(groups[: round(test_fraction * len(groups))])
     train = [item for item in items if item.group not in test_groups]
     test = [item for item in items if item.group in test_groups]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from model.bases import OfflineBase, offline_base, short_name
+from slm_annotator.bases import OfflineBase, offline_base, short_name
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,14 @@ same sequences, so what is trained is what is served.
 from __future__ import annotations
 
 import html
+import json
 import random
 import re
 import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 from model.rubric import Dimension, Rubric, TextObject
@@ -30,6 +32,33 @@ TEMPLATE_HINTS = (
     "Label the item below like an experienced member of the annotation team. Give one answer per criterion.",
     "Rate the following input against each criterion, as the project's annotators would.",
 )
+
+
+# The version of what a prompt says and how it is laid out. Bump it with any change to the wording, the templates or
+# the answer tail: adapters are trained on one format (it is saved with each, model/training.save_adapter) and
+# serving refuses one trained on another (check_prompt_format) rather than reading it wrong in silence.
+PROMPT_FORMAT = 1
+ADAPTER_META = "slm_adapter.json"
+
+
+class PromptFormatError(RuntimeError):
+    """An adapter trained on prompts of another format than this code builds."""
+
+
+def check_prompt_format(folder: Path) -> None:
+    """Raises PromptFormatError unless the adapter in `folder` was trained on PROMPT_FORMAT (adapters saved before
+    the format was recorded were trained on format 1)."""
+    meta_file = folder / ADAPTER_META
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    except (OSError, ValueError) as exc:
+        raise PromptFormatError(f"{meta_file} is unreadable: {exc}") from exc
+    trained_on = meta.get("prompt_format", 1) if isinstance(meta, dict) else 1
+    if trained_on != PROMPT_FORMAT:
+        raise PromptFormatError(
+            f"the adapter in {folder} was trained on prompt format {trained_on}, and this version of slm-annotator "
+            f"builds format {PROMPT_FORMAT}: retrain the project (its labels are stored) or roll back to a version "
+            "trained on this format")
 
 
 class TaskDataError(ValueError):

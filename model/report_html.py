@@ -287,6 +287,7 @@ def render_project(report: dict[str, Any]) -> str:
     if report.get("costs"):
         sections.append(_cost_table(report["costs"], report.get("hard_pool")))
     sections.append(_runs_table(report.get("runs") or []))
+    sections.append(_bulk_table(report.get("bulk") or []))
     sections.append('<p class="note">The same numbers as JSON: <a href="'
                     f'{esc(report.get("json_url", ""))}">{esc(report.get("json_url", ""))}</a></p>')
     return page(f"Project {p['id']}: agreement report", sections, meta)
@@ -347,3 +348,19 @@ def _runs_table(runs: Sequence[dict[str, Any]]) -> str:
         f"<td class=\"num\">{r['n_heldout']}</td><td>{esc(r.get('error') or '')}</td></tr>" for r in reversed(runs))
     return ("<h2>Training runs</h2><table><tr><th>run</th><th>trigger</th><th>outcome</th><th>started</th>"
             f"<th>finished</th><th>training tasks</th><th>held-out tasks</th><th>detail</th></tr>{rows}</table>")
+
+
+def _bulk_table(runs: Sequence[dict[str, Any]]) -> str:
+    """Bulk prediction runs (whole-project pre-annotation, refresh after a promotion): progress, rate, ETA."""
+    if not runs:
+        return ("<h2>Bulk predictions</h2><p class=\"na\">No bulk prediction yet (<code>slm-annotator predict "
+                "--project P</code>, or the refresh after a promotion).</p>")
+    rows = "".join(
+        f"<tr><td>{esc(r['model_version'])}</td><td>{esc(r['mode'])}</td><td>{esc(r['status'])}</td>"
+        f"<td class=\"num\">{r['done']}/{r['total']}</td><td class=\"num\">{r['written']}</td>"
+        f"<td class=\"num\">{r['errors']}</td><td class=\"num\">{r['workers']}</td>{number_cell(r['tasks_per_s'], 1)}"
+        f"{number_cell(r['eta_s'], 0)}<td>{esc(r['started_at'])}</td><td>{esc(r.get('last_error') or '')}</td></tr>"
+        for r in runs)
+    return ("<h2>Bulk predictions</h2><table><tr><th>version</th><th>tasks</th><th>status</th><th>done</th>"
+            "<th>written</th><th>errors</th><th>workers</th><th>tasks/s</th><th>ETA s</th><th>started</th>"
+            f"<th>detail</th></tr>{rows}</table>")

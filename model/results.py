@@ -114,11 +114,25 @@ def _value_for(dim: Dimension, value: dict[str, Any]) -> str | None:
         number = float(raw)
     except OverflowError:  # an int beyond any float: no value of the scale
         return None
-    return _nearest(dim.values, number) if math.isfinite(number) else None
+    return nearest(dim.values, number) if math.isfinite(number) else None
 
 
-def _nearest(values: Sequence[str], x: float) -> str | None:
+def nearest(values: Sequence[str], x: float) -> str | None:
     """Map a stored number onto the dimension's answer grid (Number grids may be coarser than the step)."""
     numeric = [(abs(float(v) - x), v) for v in values]
     best = min(numeric)
     return best[1]
+
+
+def result_item(dim: Dimension, raw: Any) -> dict[str, Any] | None:
+    """The LS result item a flat cell stands for (an import row, a CSV column): choices as a list or a comma/semicolon
+    separated string, ratings and numbers as numbers; None for an empty cell. A bad number raises ValueError."""
+    if raw is None or raw == "":
+        return None
+    kind = dim.control_type
+    if kind == "choices":
+        choices = raw if isinstance(raw, list) else [c.strip() for c in str(raw).replace(";", ",").split(",")]
+        value: dict[str, Any] = {"choices": [str(c) for c in choices if str(c)]}
+    else:
+        value = {kind: float(raw) if kind == "number" else int(float(raw))}
+    return {"from_name": dim.control, "to_name": dim.to_name, "type": kind, "value": value}

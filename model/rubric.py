@@ -130,7 +130,7 @@ def _is_bounded_number(text: str) -> bool:
     return math.isfinite(value) and abs(value) <= MAX_NUMBER_MAGNITUDE
 
 
-def _fmt_number(x: float) -> str:
+def fmt_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(round(x, 6))
 
 
@@ -173,10 +173,10 @@ def _number_values(node: Element) -> tuple[str, ...]:
         raise RubricError(f'<Number name="{name}"> has step={raw_step!r} too small for min={lo} max={hi}')
     count = round(steps) + 1
     if count <= MAX_NUMBER_VALUES:
-        return tuple(_fmt_number(low + i * step) for i in range(count))
+        return tuple(fmt_number(low + i * step) for i in range(count))
     stride = (count - 1) / (MAX_NUMBER_VALUES - 1)
     points = sorted({low + round(i * stride) * step for i in range(MAX_NUMBER_VALUES)})
-    return tuple(_fmt_number(p) for p in points)
+    return tuple(fmt_number(p) for p in points)
 
 
 def _choice_values(node: Element) -> list[tuple[str, str]]:

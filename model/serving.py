@@ -16,7 +16,7 @@ from typing import Any
 from model.ensemble import Vote, task_uncertainty, vote
 from model.loader import LoadedBase, load_base
 from model.members import member_of, member_paths
-from model.prompt import Encoded, PromptBuilder, TaskDataError
+from model.prompt import Encoded, PromptBuilder, PromptFormatError, TaskDataError, check_prompt_format
 from model.results import to_ls_result
 from model.rubric import Rubric
 from model.scorer import Scorer, decode
@@ -92,6 +92,8 @@ class AdapterSet:
         from peft import PeftModel
 
         slots = [member_slot(ref.name, m) for m in range(len(ref.paths))]
+        for path in ref.paths:  # all or none: no member is loaded if one was trained on another prompt format
+            check_prompt_format(path)
         for slot, path in zip(slots, ref.paths, strict=True):
             if self.model is self.base_model:
                 self.model = PeftModel.from_pretrained(self.base_model, str(path), adapter_name=slot)
@@ -360,8 +362,9 @@ class ModelServer:
             raise _HandedOff(f"adapter {ref.name} did not load within {self.wait_timeout:.0f} s "
                              "(MODEL_WAIT_TIMEOUT); retry later")
         if errors:
-            raise ModelUnavailable(f"adapter {ref.name} could not be loaded from {ref.path.name}: "
-                                   f"{type(errors[0]).__name__}; serve another one with `slm-annotator rollback`")
+            why = str(errors[0]) if isinstance(errors[0], PromptFormatError) else type(errors[0]).__name__
+            raise ModelUnavailable(f"adapter {ref.name} could not be loaded from {ref.path.name}: {why}; serve "
+                                   "another one with `slm-annotator rollback`")
 
 
 class _HandedOff(ModelUnavailable):
@@ -378,6 +381,7 @@ def _check_context(base: LoadedBase, encoded: Sequence[Encoded]) -> None:
 
 
 def _score_unlocked(scorer: Scorer, model: Any, encoded: Any, candidates: Any) -> Any:
-    """The caller holds scorer.lock; Scorer.distributions would take it again, so bypass it."""
-    inner = Scorer(model, scorer.tokenizer, scorer.device, scorer.batch_size)
+    """The caller holds scorer.lock; Scorer.distributions would take it again, so bypass it. The prefix cache is
+    the serving scorer's: its keys carry the active adapter, so members and versions never mix."""
+    inner = Scorer(model, scorer.tokenizer, scorer.device, scorer.batch_size, scorer.reuse, scorer.prefixes)
     return inner.distributions(encoded, candidates)

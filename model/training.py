@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from model.dataset import Example, relabel, split_heldout
-from model.prompt import Encoded, PromptBuilder
+from model.prompt import ADAPTER_META, PROMPT_FORMAT, Encoded, PromptBuilder
 from model.rubric import Rubric
 from model.scorer import answer_logits, pad_batch
 
@@ -322,8 +322,10 @@ def _accumulate(
 
 
 def save_adapter(peft_model: Any, target: Path, meta: dict[str, Any]) -> None:
+    """The adapter and what it was trained with, the prompt format included (serving checks it)."""
     peft_model.save_pretrained(str(target))
-    (target / "slm_adapter.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    meta = {**meta, "prompt_format": PROMPT_FORMAT}
+    (target / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from model.agreement_report import build_report
 from model.annotations_io import Ratings, from_store, iso_stamp
 from model.rubric import RubricError
 from slm_annotator.costs import Prices, cost_table
-from slm_annotator.schema import AdapterVersion, TrainingRun
+from slm_annotator.schema import AdapterVersion, BulkRun, TrainingRun
 from slm_annotator.store import Store
 
 AUTO_BOOT_ITEMS = 500  # above this many items the page skips bootstrap intervals (ask for them with ?n_boot=)
@@ -58,6 +58,13 @@ def run_entry(r: TrainingRun) -> dict[str, Any]:
             "error": (r.error or "").strip().splitlines()[-1][:300] if r.error else ""}
 
 
+def bulk_entry(r: BulkRun) -> dict[str, Any]:
+    return {"id": r.id, "model_version": r.model_version, "mode": r.mode, "status": r.status, "total": r.total,
+            "done": r.done, "written": r.written, "skipped": r.skipped, "errors": r.errors, "workers": r.workers,
+            "tasks_per_s": r.tasks_per_s, "eta_s": r.eta_s, "last_error": (r.last_error or "")[:300],
+            "started_at": _iso(r.started_at), "updated_at": _iso(r.updated_at), "finished_at": _iso(r.finished_at)}
+
+
 def pick_model(ratings: Ratings, served: str | None) -> str | None:
     """The served version's stored predictions if it has any, else the latest version that has some."""
     return served if served in ratings.models else ratings.latest_model()
@@ -100,6 +107,7 @@ def build_project_report(store: Store, project_id: str, base_version: str, n_boo
     }
     report["adapters"] = [adapter_entry(a) for a in store.adapters(project_id)]
     report["runs"] = [run_entry(r) for r in store.runs(project_id)]
+    report["bulk"] = [bulk_entry(r) for r in store.bulk_runs(project_id)]
     usage = store.usage(project_id)
     if usage and prices is not None:
         report["costs"] = cost_table(usage, prices)

@@ -44,7 +44,7 @@ def predict_now(settings: Settings, store: Any, project_id: str, ratings: Any) -
     """Predictions of the project's served adapter (or the base model) for its labelled tasks, stored like
     /predict stores them, so the live report shows them too. Loads the model."""
     from model.annotations_io import result_values
-    from model.dataset import _flat_keys
+    from model.dataset import flat_keys
     from model.rubric import parse_label_config
     from model.serving import AdapterRef, ModelServer
 
@@ -53,7 +53,7 @@ def predict_now(settings: Settings, store: Any, project_id: str, ratings: Any) -
     served = store.served_adapter(project_id)
     ref = AdapterRef(served.model_version, Path(served.path)) if served else None
     version = served.model_version if served else settings.base_version
-    items = [i for i in ratings.items if set(rubric.data_keys) <= _flat_keys(ratings.data.get(i) or {})]
+    items = [i for i in ratings.items if set(rubric.data_keys) <= flat_keys(ratings.data.get(i) or {})]
     server = ModelServer(settings.base_model, settings.model_dir, settings.quantization, settings.device,
                          settings.predict_batch_size, settings.max_prompt_tokens, 1)
     preds = server.predict(rubric, [{"data": ratings.data[i]} for i in items], ref, version,

@@ -177,3 +177,31 @@ class PushedPrediction(Base):
     state: Mapped[str] = mapped_column(String(16))
     owner: Mapped[str] = mapped_column(String(255), default="")
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class BulkRun(Base):
+    """One bulk prediction job (worker.bulk): its progress, mirrored from the workers that share its chunks, so
+    /metrics, /health and the report read it from the store.
+
+    status: "running", "waiting" (Label Studio unreachable or slow: retrying until the patience runs out), "done",
+    "failed" (RQ retries the job), "superseded" (a newer version was served first).
+    """
+
+    __tablename__ = "bulk_runs"
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # the RQ job id (or "inline-...")
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    model_version: Mapped[str] = mapped_column(String(255))
+    mode: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    written: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    workers: Mapped[int] = mapped_column(Integer, default=1)
+    tasks_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eta_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.bases import short_name
+from slm_annotator.bases import short_name
 
 
 def _env(name: str, default: str) -> str:
@@ -138,6 +138,7 @@ class Settings:
     predict_cache_versions: int = 2  # PREDICT_CACHE_VERSIONS: model versions per project the prediction cache keeps
     bulk_chunk: int = 64  # BULK_CHUNK: tasks a bulk prediction job scores and writes to Label Studio at once
     bulk_job_timeout: int = 6 * 3600  # BULK_JOB_TIMEOUT: seconds one bulk prediction job may run
+    bulk_ls_patience: float = 900.0  # BULK_LS_PATIENCE: seconds a bulk job retries a Label Studio that is down
     bind_host: str = "127.0.0.1"  # where `serve` listens (BIND_HOST, set from --host): not loopback needs auth
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -149,7 +150,7 @@ class Settings:
     def base_version(self) -> str:
         """The model_version served before any adapter exists; computed without loading the model.
 
-        The name comes from the loader's own alias table (model.bases), so BASE_MODEL=gemma3 and
+        The name comes from the loader's own alias table (slm_annotator.bases), so BASE_MODEL=gemma3 and
         BASE_MODEL=gemma3-270m name the same versions, and they match LoadedBase.name.
         """
         return f"{short_name(self.base_model)}-{self.quantization}-base"
@@ -260,5 +261,6 @@ def load_settings() -> Settings:
         predict_cache_versions=max(1, _env_int("PREDICT_CACHE_VERSIONS", 2)),
         bulk_chunk=max(1, _env_int("BULK_CHUNK", 64)),
         bulk_job_timeout=max(60, _env_int("BULK_JOB_TIMEOUT", 6 * 3600)),
+        bulk_ls_patience=max(0.0, _env_float("BULK_LS_PATIENCE", 900.0)),
         bind_host=_env("BIND_HOST", "127.0.0.1"),
     )

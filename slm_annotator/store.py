@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +21,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import bindparam, create_engine, delete, event, func, select, update
+from sqlalchemy import bindparam, case, create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from slm_annotator.schema import (
     AdapterVersion,
     Annotation,
+    BulkRun,
     CachedPrediction,
     HardSample,
     Prediction,
@@ -44,6 +45,7 @@ ID_BATCH = 500  # task ids per IN (...) clause
 CLAIM_STALE_SECONDS = 900.0  # a bulk job's claim on a task nobody refreshed for this long: its worker died
 REPLY_GRACE_SECONDS = 300.0  # a /predict reply Label Studio should have stored by now (its timeout is 100 s)
 MIGRATIONS = Path(__file__).parent / "migrations"
+_BULK_COUNTS = frozenset({"done", "written", "skipped", "errors"})
 MIGRATION_LOCK_KEY = 0x534C4D41  # "SLMA": one advisory lock id for this app's migrations, per database
 
 
@@ -821,13 +823,14 @@ class Store:
     def claim_pushes(self, project_id: str, model_version: str, task_ids: list[int], owner: str,
                      stale_seconds: float = CLAIM_STALE_SECONDS,
                      reply_grace: float = REPLY_GRACE_SECONDS,
-                     recheck_done: bool = False) -> tuple[list[int], list[int]]:
+                     recheck_done: bool = False, dead_owners: Collection[str] = ()) -> tuple[list[int], list[int]]:
         """Claims tasks for `owner` (a bulk job) before it scores and writes them.
 
         Returns (fresh, verify): `fresh` nobody ever wrote; `verify` Label Studio may already hold (this job's
         own claim from a crashed attempt, a dead job's stale claim, an old /predict reply): look before writing.
         Tasks already written, held by a live job, or just replied to /predict are left out; with `recheck_done`
-        the written ones are looked up again too (someone may have deleted them in Label Studio).
+        the written ones are looked up again too (someone may have deleted them in Label Studio). Claims of
+        `dead_owners` (workers of the run whose heartbeat lapsed) are taken over at once, not after stale_seconds.
         """
         table = PushedPrediction.__table__
         for attempt in range(3):
@@ -845,7 +848,7 @@ class Store:
                             continue
                         age = (now - row.updated_at).total_seconds()
                         mine = row.state == "claimed" and row.owner == owner
-                        stale = (row.state == "claimed" and age >= stale_seconds) or \
+                        stale = (row.state == "claimed" and (age >= stale_seconds or row.owner in dead_owners)) or \
                             (row.state == "replied" and age >= reply_grace) or (row.state == "done" and recheck_done)
                         if (mine or stale) and self._take(s, row, "claimed", owner):
                             verify.append(tid)
@@ -881,6 +884,45 @@ class Store:
                     s.execute(delete(table).where(*where))
                 else:
                     s.execute(update(table).where(*where).values(state=state, updated_at=utcnow()))
+
+    # -- bulk prediction runs --------------------------------------------------------------------------
+    def start_bulk_run(self, run_id: str, project_id: str, model_version: str, mode: str, total: int) -> None:
+        """A run (or its retry: the counts carry on, they live with its chunks) is running."""
+        with self.write_session() as s:
+            _ensure_project(s, project_id)
+            run = s.get(BulkRun, run_id)
+            if run is None:
+                s.add(BulkRun(id=run_id, project_id=project_id, model_version=model_version, mode=mode, total=total,
+                              status="running", last_error=""))
+            else:
+                run.status, run.total, run.finished_at, run.updated_at = "running", total, None, utcnow()
+
+    def update_bulk_run(self, run_id: str, finished: bool = False, **fields: Any) -> None:
+        """Sets the given columns; counts never go back (workers mirror them in any order)."""
+        table = BulkRun.__table__
+        values: dict[str, Any] = {"updated_at": utcnow()}
+        for key, value in fields.items():
+            column = table.c[key]
+            values[key] = case((column < value, value), else_=column) if key in _BULK_COUNTS else value
+        if finished:
+            values["finished_at"] = utcnow()
+        with self.write_session() as s:
+            s.execute(update(table).where(table.c.id == run_id).values(**values))
+
+    def bulk_runs(self, project_id: str, limit: int = 10) -> list[BulkRun]:
+        """The project's latest runs, newest first."""
+        with self.session() as s:
+            return list(s.scalars(select(BulkRun).where(BulkRun.project_id == project_id)
+                                  .order_by(BulkRun.started_at.desc(), BulkRun.id.desc()).limit(limit)))
+
+    def latest_bulk_runs(self) -> dict[str, BulkRun]:
+        """Per project, its latest run (/metrics, /health): one grouped query."""
+        with self.session() as s:
+            newest = (select(BulkRun.project_id, func.max(BulkRun.started_at).label("at"))
+                      .group_by(BulkRun.project_id).subquery())
+            rows = s.scalars(select(BulkRun).join(newest, (BulkRun.project_id == newest.c.project_id)
+                                                  & (BulkRun.started_at == newest.c.at)))
+            return {r.project_id: r for r in rows}
 
     def push_states(self, project_id: str, model_version: str) -> dict[int, str]:
         with self.session() as s:

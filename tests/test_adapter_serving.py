@@ -37,3 +37,29 @@ def test_each_project_gets_its_adapter_and_the_lru_bound_holds(settings, tiny_mo
         adapters = app.extensions["slm"].model._adapters
         assert len(adapters.loaded) == 1 and len(adapters.model.peft_config) == 1  # the other one was evicted
     assert answers == [["pos", "neg"], ["neg", "pos"], ["pos", "neg"], ["neg", "pos"]]
+
+
+def test_an_adapter_trained_on_another_prompt_format_is_refused_not_misread(settings, tmp_path) -> None:
+    """The prompt format is saved with every adapter; serving one trained on another format answers 503 naming
+    the reason (reading it with today's prompts would pre-annotate from text it never learnt)."""
+    import json
+
+    from model.prompt import ADAPTER_META, PROMPT_FORMAT
+
+    settings = replace(settings, train_epochs=1, heldout_fraction=0.25, token_dropout_share=0.0, lora_r=4)
+    store = Store(settings.database_url)
+    fill(store, "31", n_tasks=24)
+    assert run_training(settings, store, "31", store.start_run("31", "t", "t").id).status in {"promoted", "refused"}
+    adapter = store.adapters("31")[0]
+    meta_file = settings.model_dir / "adapters" / "31" / f"v{adapter.version}" / ADAPTER_META
+    if not meta_file.exists():  # the folder layout is the store's business: find it
+        meta_file = next(settings.model_dir.rglob(ADAPTER_META))
+    meta = json.loads(meta_file.read_text())
+    assert meta["prompt_format"] == PROMPT_FORMAT
+    if store.served_adapter("31") is None:
+        store.serve_version("31", adapter.version)
+    meta_file.write_text(json.dumps({**meta, "prompt_format": PROMPT_FORMAT + 1}))
+    client = create_app(settings).test_client()
+    client.post("/setup", json={"project": "31", "schema": CONFIG})
+    reply = client.post("/predict", json={"project": "31", "tasks": [{"id": 1, "data": {"text": "great"}}]})
+    assert reply.status_code == 503 and "prompt format" in reply.json["error"]

@@ -3,22 +3,19 @@ API, and the refresh after a promotion. Tiny model, a stub Label Studio API reco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
-import threading
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from backend.app import create_app
 from slm_annotator.store import Store
+from slm_annotator.stub_label_studio import TOKEN, StubLabelStudio
 from tests.toy import worker_env
-
-TOKEN = "stub-token-123"
 
 CONFIG = """<View><Text name="text" value="$text"/>
 <Choices name="sentiment" toName="text"><Choice value="pos"/><Choice value="neg"/></Choices>
@@ -89,81 +86,12 @@ def test_the_cache_keeps_only_the_newest_versions(settings) -> None:
 
 
 # ------------------------------------------------------------------------------- a stub Label Studio API
-class StubLS:
-    """The few Label Studio 1.23.2 endpoints bulk prediction uses, recording every prediction written."""
-
-    def __init__(self, project: str, tasks: list[dict[str, Any]]) -> None:
-        self.project = project
-        self.tasks = {t["id"]: {**t, "annotations": t.get("annotations", [])} for t in tasks}
-        self.predictions: list[dict[str, Any]] = []
-        self.writes = 0
-        self.lock = threading.Lock()
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: Any) -> None:
-                raw = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def do_GET(self) -> None:
-                if self.headers.get("Authorization") != f"Token {TOKEN}":
-                    return self._send(401, {"detail": "no"})
-                url = urlsplit(self.path)
-                q = {k: v[0] for k, v in parse_qs(url.query).items()}
-                with stub.lock:
-                    if url.path == f"/api/projects/{stub.project}/export":
-                        return self._send(200, [{**t, "predictions": [p for p in stub.predictions
-                                                                       if p["task"] == t["id"]]}
-                                                for t in stub.tasks.values()])
-                    if url.path == "/api/predictions":
-                        if "task" in q:
-                            return self._send(200, [p for p in stub.predictions if p["task"] == int(q["task"])])
-                        return self._send(200, list(stub.predictions))
-                return self._send(404, {})
-
-            def do_POST(self) -> None:
-                if self.headers.get("Authorization") != f"Token {TOKEN}":
-                    return self._send(401, {"detail": "no"})
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if self.path != f"/api/projects/{stub.project}/import/predictions":
-                    return self._send(404, {})
-                with stub.lock:
-                    if any(item.get("task") not in stub.tasks for item in body):
-                        return self._send(400, {"detail": "invalid task"})
-                    stub.writes += 1
-                    stub.store(body)
-                return self._send(201, {"created": len(body)})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def store(self, items: list[dict[str, Any]]) -> None:
-        for item in items:
-            self.predictions.append({"id": len(self.predictions) + 1, "task": item["task"], "result": item["result"],
-                                     "score": item.get("score"), "model_version": item.get("model_version")})
-
-    def per_task(self, version: str) -> dict[int, int]:
-        return {tid: sum(1 for p in self.predictions if p["task"] == tid and p["model_version"] == version)
-                for tid in self.tasks}
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
 @pytest.fixture
 def stub_ls():
-    made: list[StubLS] = []
+    made: list[StubLabelStudio] = []
 
-    def make(project: str, tasks: list[dict[str, Any]]) -> StubLS:
-        made.append(StubLS(project, tasks))
+    def make(project: str, tasks: list[dict[str, Any]]) -> StubLabelStudio:
+        made.append(StubLabelStudio(project, tasks))
         return made[-1]
 
     yield make
@@ -171,7 +99,7 @@ def stub_ls():
         stub.close()
 
 
-def _ls_settings(settings, redis_url: str, ls: StubLS, **changes: Any):
+def _ls_settings(settings, redis_url: str, ls: StubLabelStudio, **changes: Any):
     return replace(settings, redis_url=redis_url, label_studio_url=ls.url, label_studio_api_key=TOKEN, **changes)
 
 
@@ -202,9 +130,12 @@ def test_predict_past_its_budget_answers_a_prefix_and_a_worker_writes_the_rest(
     client = app.test_client()
     version = client.post("/setup", json={"project": "41.1", "schema": CONFIG}).json["model_version"]
     reply = _predict(client, tasks)
-    n = len(reply["results"])
+    results = reply["results"]
+    n = sum(isinstance(r, dict) for r in results)
+    # one entry per task (Label Studio stores nothing from a reply of another length): answers first, then []
+    assert len(results) == 20 and all(r == [] for r in results[n:])
     assert 2 <= n < 20 and reply["background"] == {"tasks": 20 - n, "job": "queued"}
-    ls.store([{**r, "task": t["id"]} for t, r in zip(tasks, reply["results"], strict=False)])  # what LS does
+    ls.store([{**r, "task": t["id"]} for t, r in zip(tasks, results, strict=True) if isinstance(r, dict)])  # as LS
     assert len(conn.lrange("rq:queue:slm-annotator-bulk", 0, -1)) == 1
     env = worker_env(s, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, HEAD_EVERY="0")
     done = subprocess.run([sys.executable, "-m", "slm_annotator.cli", "worker", "--burst", "--queue", "bulk"],
@@ -218,7 +149,7 @@ def test_predict_past_its_budget_answers_a_prefix_and_a_worker_writes_the_rest(
     assert job.meta["tasks_per_s"] > 0 and job.meta["eta_s"] == 0
     # pressed again: Label Studio sends nothing new; a re-sent task is not answered twice by anyone
     again = _predict(client, tasks[n:n + 3])  # a job wrote these: a reply must not carry them too
-    assert again["results"] == [] and ls.per_task(version) == {t["id"]: 1 for t in tasks}
+    assert again["results"] == [[], [], []] and ls.per_task(version) == {t["id"]: 1 for t in tasks}
 
 
 @pytest.mark.slow  # a bulk job over a whole project, run twice
@@ -318,3 +249,147 @@ def test_a_promoted_head_refreshes_every_unlabelled_task_most_uncertain_first(
     counts = ls.per_task(outcome.model_version)
     assert all(counts[t["id"]] == 1 for t in unlabelled) and all(counts[t] == 0 for t in range(1, 41))
     assert written == [103, 101, 105, 104, 102, 100]  # lowest previous score first
+
+
+# ------------------------------------------------------------------ 5. scale out, 6. faults
+def _start_workers(s, ls: StubLabelStudio, n: int, tmp_path) -> list[subprocess.Popen]:
+    env = worker_env(s, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, HEAD_EVERY="0", BULK_CHUNK="4")
+    procs = []
+    for i in range(n):
+        with open(tmp_path / f"worker{i}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "slm_annotator.cli", "worker", "--queue", "bulk",
+                                           "--name", f"bulk-{i}-{tmp_path.name}"], env=env, start_new_session=True,
+                                          stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    import os
+    import signal
+
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(30)
+
+
+def test_two_workers_share_one_job_and_a_killed_one_loses_nothing(
+        settings, embedded_redis_url, stub_ls, tmp_path) -> None:
+    """Two worker processes on the bulk queue: the job's chunks go to both; the helper's worker is SIGKILLed
+    mid-job; its chunk is taken over once its heartbeat lapses, and Label Studio ends with one prediction per task."""
+    from rq import Queue, Worker
+    from rq.job import Job
+
+    from tests.toy import wait_for
+    from worker.policy import BULK_QUEUE, enqueue_bulk
+
+    tasks = _tasks(120)
+    ls = stub_ls("41", tasks)
+    ls.delay = 0.25  # 30 chunks of 4: ~8 s of writing for one worker
+    conn = _clear_bulk_queue(embedded_redis_url)
+    s = _ls_settings(settings, embedded_redis_url, ls, bulk_chunk=4)
+    store = Store(s.database_url)
+    store.upsert_project("41", label_config=CONFIG)
+    version = s.base_version
+    procs = _start_workers(s, ls, 2, tmp_path)
+    try:
+        queue = Queue(BULK_QUEUE, connection=conn)
+        wait_for(lambda: len(Worker.all(queue=queue)) == 2, 120, "two bulk workers")
+        state, jid = enqueue_bulk(conn, s, "41", version, "missing")
+        assert state == "queued"
+        helper = wait_for(lambda: _started(conn, f"{jid}-help-0"), 60, "the helper job to start")
+        wait_for(lambda: sum(ls.per_task(version).values()) >= 20, 60, "some predictions written")
+        wait_for(lambda: any(conn.llen(k) for k in conn.keys(f"slm-annotator:bulk:*:doing:{jid}-help-0:*")), 60,
+                 "the helper to hold a chunk")
+        victim = next(p for p in procs if p.pid == helper.worker_pid)
+        _stop([victim])  # the helper's worker and its work horse, mid-chunk
+        job = Job.fetch(jid, connection=conn)
+        wait_for(lambda: job.get_status(refresh=True) == "finished", 120, "the job to finish without its helper")
+        assert ls.per_task(version) == {t["id"]: 1 for t in tasks}
+        run = store.bulk_runs("41")[0]
+        assert (run.status, run.done, run.total, run.errors) == ("done", 120, 120, 0)
+        assert run.written + run.skipped == 120  # what the killed one wrote before dying is found, not rewritten
+        assert run.workers == 2  # both took chunks
+        assert conn.smembers(f"slm-annotator:bulk:{run.id}:dead")  # the killed one's chunk was taken over
+        assert job.return_value()["workers"] == 2 and job.return_value()["done"] == 120
+    finally:
+        _stop(procs)
+
+
+def _started(conn, job_id: str) -> Any:
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+    from rq.worker import Worker
+
+    try:
+        job = Job.fetch(job_id, connection=conn)
+    except NoSuchJobError:
+        return None
+    if job.get_status(refresh=True) != "started" or not job.worker_name:
+        return None
+    worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + job.worker_name, connection=conn)
+    if worker is None:
+        return None
+    job.worker_pid = worker.pid
+    return job
+
+
+def test_label_studio_down_makes_the_run_wait_visibly_and_nothing_is_written_twice(
+        settings, embedded_redis_url, stub_ls) -> None:
+    """503s for a while: the run shows "waiting" (store, /health) and carries on when Label Studio is back; a write
+    that landed before its error is not written again. Down for longer than the patience: "failed" on /health."""
+    from backend.services import build_services
+    from worker.bulk import run_bulk
+    from worker.sync import SyncError
+
+    tasks = _tasks(12)
+    ls = stub_ls("41", tasks)
+    s = _ls_settings(settings, embedded_redis_url, ls, bulk_chunk=4, bulk_ls_patience=30.0)
+    app = create_app(s)
+    client = app.test_client()
+    svc = build_services(s)
+    svc.store.upsert_project("41", label_config=CONFIG)
+    version = svc.served_for("41").model_version
+    seen: list[tuple[str, list[str]]] = []
+    ls.failing, ls.land_then_fail = 3, 1  # chunk 1 lands but errs; chunk 2 fails twice
+    ls.on_fail = lambda: seen.append((svc.store.latest_bulk_runs()["41"].status,
+                                      client.get("/health").json["degraded"]))
+    meta = run_bulk(svc, "41", version, "missing")
+    assert meta["written"] == 12 and ls.per_task(version) == {t["id"]: 1 for t in tasks}
+    assert len(seen) == 3 and seen[2][0] == "waiting"
+    assert any("bulk prediction waiting" in d and "503" in d for d in seen[2][1])
+    run = svc.store.latest_bulk_runs()["41"]
+    assert run.status == "done" and "503" in run.last_error
+    assert not any("bulk" in d for d in client.get("/health").json["degraded"])
+    # down for good, a patience of 0: the run fails, visibly
+    more = _tasks(4, start=200)
+    ls.tasks.update({t["id"]: {**t, "annotations": []} for t in more})
+    ls.failing, ls.land_then_fail = 10**6, 0
+    svc.settings = replace(s, bulk_ls_patience=0.0)
+    with pytest.raises(SyncError):
+        run_bulk(svc, "41", version, "missing")
+    assert any("bulk prediction failed" in d for d in client.get("/health").json["degraded"])
+    ls.failing = 0
+    svc.close()
+
+
+def test_bulk_progress_is_in_metrics_and_the_report(settings, embedded_redis_url, stub_ls) -> None:
+    from backend.services import build_services
+    from worker.bulk import run_bulk
+
+    tasks = [*_tasks(9), {"id": 99, "data": {"other": "no text"}}]
+    ls = stub_ls("41", tasks)
+    s = _ls_settings(settings, embedded_redis_url, ls, bulk_chunk=4)
+    svc = build_services(s)
+    svc.store.upsert_project("41", label_config=CONFIG)
+    run_bulk(svc, "41", svc.served_for("41").model_version, "missing")
+    svc.close()
+    client = create_app(s).test_client()
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'slm_bulk_tasks{project="41",state="total"} 10.0' in text
+    assert 'slm_bulk_tasks{project="41",state="written"} 9.0' in text
+    assert 'slm_bulk_tasks{project="41",state="errors"} 1.0' in text
+    assert 'slm_bulk_run_status{project="41",status="done"} 1.0' in text
+    report = client.get("/report/41.json").json
+    assert report["bulk"][0]["done"] == 10 and report["bulk"][0]["status"] == "done"
+    assert "Bulk predictions" in client.get("/report/41").get_data(as_text=True)

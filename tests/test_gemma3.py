@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from model import loader
-from model.bases import GEMMA3, SMOLLM2, offline_base, short_name
 from model.loader import resolve_base
 from model.rubric import parse_label_config
+from slm_annotator.bases import GEMMA3, SMOLLM2, offline_base, short_name
 from tests.conftest import REPO
 
 # a rating, a yes/no choice, labels no tokenizer has as one token (letter codes) and a multi-choice (yes/no each)

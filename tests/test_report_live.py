@@ -11,7 +11,7 @@ import pytest
 
 from backend.app import create_app
 from model.agreement import model_vs_consensus
-from model.dataset import StoredLabel, examples_from_labels
+from model.dataset import examples_from_labels
 from model.evaluate import agreement
 from model.rubric import parse_label_config
 from slm_annotator.schema import AdapterVersion
@@ -50,8 +50,7 @@ def _predict(store: Store, project: str, version: str, wrong_every: int) -> list
 def _adapter(store: Store, project: str, version: int, status: str) -> None:
     """An adapter whose metrics come from the real held-out evaluation the worker runs."""
     rubric = parse_label_config(CONFIG)
-    examples = examples_from_labels(rubric, [StoredLabel(a.task_id, a.annotator, a.result, a.task_data)
-                                             for a in store.labels(project)])[:20]
+    examples = examples_from_labels(rubric, store.labels(project))[:20]
     predicted = [[next(iter(e.ratings.values()))["sentiment"] if i % (version + 2) else "pos"]
                  for i, e in enumerate(examples)]
     new = agreement(rubric, examples, predicted)

@@ -24,7 +24,7 @@ def store(request, tmp_path):
 
 
 def label(ann_id: int, value: str, stamp: str, task: int = 1, **kw) -> LabelIn:
-    from backend.payloads import parse_time
+    from slm_annotator.labelstudio.annotations import parse_time
 
     result = [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [value]}}]
     return LabelIn(ann_id, task, "alice", result, {"sentiment": value}, {"text": "t"},
@@ -219,7 +219,7 @@ def test_labels_during_a_running_job_count_from_what_it_took(store: Store) -> No
 
 
 def test_an_update_without_task_data_keeps_the_stored_data_and_hard_flag(store: Store) -> None:
-    from backend.payloads import parse_time
+    from slm_annotator.labelstudio.annotations import parse_time
 
     first = LabelIn(31, 3, "alice", [], {"sentiment": "pos"}, {"text": "kept"}, hard=True,
                     ls_updated_at=parse_time("2026-01-01T10:00:00Z"))

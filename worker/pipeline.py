@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from model.annotator import HEAD_DIR, served_from_folder
-from model.dataset import Example, StoredLabel, examples_from_labels, split_heldout
+from model.dataset import Example, examples_from_labels, split_heldout
 from model.evaluate import AS_IS, agreement, member_probs
 from model.heads import DEFAULT_ENCODER, Head, features, shared_encoder, train_head
 from model.loader import load_base
@@ -75,10 +75,7 @@ def load_examples(store: Store, project_id: str) -> tuple[Any, list[Example]]:
     if project is None or not project.label_config:
         raise RubricError(f"project {project_id} has no label config yet (connect it in Label Studio or sync)")
     rubric = parse_label_config(project.label_config, project.extra_params)
-    rows = [
-        StoredLabel(a.task_id, a.annotator, a.result, a.task_data, a.hard) for a in store.labels(project_id)
-    ]
-    return rubric, examples_from_labels(rubric, rows)
+    return rubric, examples_from_labels(rubric, store.labels(project_id))
 
 
 def run_training(

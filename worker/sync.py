@@ -11,12 +11,12 @@ from typing import Any
 
 import requests
 
-from backend.errors import ApiError
-from backend.payloads import annotator_of, label_studio_url, parse_time
 from model.results import values_from_result
 from model.rubric import RubricError, parse_label_config
+from slm_annotator.labelstudio.annotations import AnnotationError, label_from_annotation
+from slm_annotator.labelstudio.url import UrlError, base_url
 from slm_annotator.settings import Settings
-from slm_annotator.store import LabelIn, Store
+from slm_annotator.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,9 @@ def client_for(settings: Settings, store: Store, project_id: str) -> LabelStudio
     url = settings.label_studio_url or (project.hostname.rstrip("/") if project else "")
     if url and not settings.label_studio_url:
         try:  # stored before /setup checked it: a query or credentials in it would pick what sync requests
-            url = label_studio_url(url)
-        except ApiError as exc:
-            raise SyncError(f"stored Label Studio address refused ({exc.message}); set LABEL_STUDIO_URL") from None
+            url = base_url(url)
+        except UrlError as exc:
+            raise SyncError(f"stored Label Studio address refused ({exc}); set LABEL_STUDIO_URL") from None
     token = settings.label_studio_api_key or (project.access_token if project else "")
     if not url or not token:
         raise SyncError(
@@ -187,13 +187,11 @@ def _sync(settings: Settings, store: Store, project_id: str) -> dict[str, int]:
                 continue
             counts["annotations"] += 1
             result = ann.get("result") if isinstance(ann.get("result"), list) else []
-            label = LabelIn(
-                annotation_id=ann["id"], task_id=task.get("id"), annotator=annotator_of(ann), result=result,
-                values=values_from_result(rubric, result) if rubric else {},
-                task_data=task.get("data") if isinstance(task.get("data"), dict) else {},
-                cancelled=bool(ann.get("was_cancelled")),
-                ls_updated_at=parse_time(ann.get("updated_at")) or parse_time(ann.get("created_at")),
-                source="sync",
-            )
+            values = values_from_result(rubric, result) if rubric else {}
+            try:
+                label = label_from_annotation({**ann, "result": result}, task, "sync", values)
+            except AnnotationError as exc:  # Label Studio's own data: one bad annotation must not fail the sync
+                log.warning("sync of project %s skips annotation %s: %s", project_id, ann["id"], exc)
+                continue
             counts["stored"] += int(store.upsert_label(project_id, label))
     return counts

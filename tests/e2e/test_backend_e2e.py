@@ -14,8 +14,10 @@ Run: .venv/bin/python -m pytest tests/e2e/test_backend_e2e.py -x -s -m e2e
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -385,3 +387,117 @@ def test_uncertain_items_come_first_in_label_studio_and_their_labels_join_the_po
                         lambda: (r := backend.get(f"/report/{pid}.json")) and r.get("hard_pool") == 1 and r,
                         timeout=60, describe=lambda: str(backend.get(f"/report/{pid}.json").get("hard_pool")))
     assert report["costs"]["routes"]["human"]["items"] == 4, report["costs"]
+
+
+# --------------------------------------------------------------------------- issue 15: a whole project
+N_BULK = 1000
+
+
+def _one_each(ls: Any, pid: int, version: str, task_ids: list[int]) -> tuple[dict[int, int], int]:
+    """(predictions of `version` per task among task_ids, most predictions any task holds of any one version)."""
+    preds = ls.list_predictions(project=pid)
+    of_version = Counter(p["task"] for p in preds if p["model_version"] == version)
+    worst = max(Counter((p["task"], p["model_version"]) for p in preds).values(), default=0)
+    return {t: of_version.get(t, 0) for t in task_ids}, worst
+
+
+def _bulk_worker_pid(redis_url: str, job_id: str) -> int | None:
+    """The pid of the RQ worker running `job_id` now (None: not running)."""
+    from redis import Redis
+    from rq.job import Job
+    from rq.worker import Worker
+
+    conn = Redis.from_url(redis_url)
+    try:
+        job = Job.fetch(job_id, connection=conn)
+        if job.get_status(refresh=True) != "started" or not job.worker_name:
+            return None
+        worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + job.worker_name, connection=conn)
+        return worker.pid if worker else None
+    except Exception:
+        return None
+
+
+def test_a_whole_project_is_pre_annotated_and_refreshed_after_a_promotion(label_studio, backend_factory,
+                                                                          tmp_path: Path) -> None:
+    """1,000 tasks. "Retrieve predictions" once: /predict answers what fits its budget, a bulk job writes the rest,
+    each task ends with exactly one prediction of the served version. Then labels through Label Studio promote a
+    head; the refresh re-predicts every unlabelled task with it, shared by two workers, while the worker running
+    the job is SIGKILLed: the job completes and no task holds two predictions of one version."""
+    import os
+    import signal
+    import subprocess
+
+    from worker.policy import bulk_job_id
+
+    ls = label_studio
+    config, _ = load_fixture("text_classification")
+    rubric = parse_label_config(config)
+    tiny = tiny_model_dir()
+    pid = ls.create_project("e2e whole project", config)
+    texts = [f"{t} (review {i})" for i in range(N_BULK // len(SENTIMENT)) for t, _ in SENTIMENT]
+    assert ls.import_tasks(pid, [{"data": {"text": t}} for t in texts])["task_count"] == N_BULK
+    tasks = sorted(ls.list_tasks(pid), key=lambda t: t["id"])
+    ids = [t["id"] for t in tasks]
+    backend = backend_factory(BASE_MODEL=str(tiny), QUANTIZATION="none", PREFILL_MIN_ALPHA="none",
+                              PREDICT_BUDGET_SECONDS="0", BULK_CHUNK="10", HEAD_EVERY="10", TRAIN_THRESHOLD="100000",
+                              LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.token)
+    ls.connect_ml_backend(pid, backend.url, title="slm-annotator whole project e2e")
+    base = backend.post("/setup", {"project": str(pid)})["model_version"]
+
+    # "Retrieve predictions", pressed once for all 1,000 tasks
+    t0 = time.monotonic()
+    print(f"[e2e] retrieve_predictions for {N_BULK} tasks: {ls.retrieve_predictions(pid)}")
+    counts, worst = wait_until("one prediction of the base on every task", lambda: (
+        (c := _one_each(ls, pid, base, ids)) and all(c[0].values()) and c), timeout=600, every=5,
+        describe=lambda: Counter(_one_each(ls, pid, base, ids)[0].values()))
+    print(f"[e2e] all {N_BULK} tasks predicted {time.monotonic() - t0:.1f}s after the click")
+    time.sleep(3)  # nothing more arrives
+    counts, worst = _one_each(ls, pid, base, ids)
+    assert set(counts.values()) == {1} and worst == 1
+    for pred in ls.list_predictions(task=ids[-1]):
+        assert_valid_prediction(rubric, pred)
+    report = backend.get(f"/report/{pid}.json")
+    request_run = next(r for r in report["bulk"] if r["mode"] == "request")
+    assert request_run["status"] == "done" and request_run["done"] == request_run["total"] >= N_BULK // 2
+
+    # a second worker on the backend's Redis: the refresh after the promotion is shared
+    redis_url = f"unix://{backend.redis_socket()}"
+    env = {**backend.env(), "REDIS_URL": redis_url}
+    with open(tmp_path / "extra-worker.log", "w") as log:
+        extra = subprocess.Popen([str(Path(sys.executable).parent / "slm-annotator"), "worker", "--queue", "bulk",
+                                  "--name", "e2e-extra"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        wait_until("the extra worker", lambda: "Listening on" in (tmp_path / "extra-worker.log").read_text(),
+                   timeout=180)
+        label_of = dict(SENTIMENT)
+        labelled = tasks[:20]
+        for task in labelled:
+            ls.create_annotation(task["id"], sentiment_result(label_of[task["data"]["text"].split(" (review")[0]]))
+
+        def served_head() -> str | None:
+            v = backend.get(f"/versions/{pid}")
+            return v["served"] if v["served"] != base and v["labels"] >= 20 and not v["pending"] else None
+
+        version = wait_until("a head promoted on the 20 labels", served_head, timeout=300,
+                             describe=lambda: versions_summary(backend.get(f"/versions/{pid}")))
+        job_id = bulk_job_id(str(pid), version, "unlabelled")
+        victim = wait_until("the refresh's worker", lambda: _bulk_worker_pid(redis_url, job_id), timeout=60, every=0.5)
+        os.kill(victim, signal.SIGKILL)  # the worker running the refresh, mid-job; its work horse dies with it
+        print(f"[e2e] SIGKILLed worker {victim} running {job_id} (extra worker: {extra.pid})")
+        unlabelled = ids[20:]
+        wait_until("every unlabelled task predicted by the new version", lambda: all(
+            _one_each(ls, pid, version, unlabelled)[0].values()), timeout=600, every=5,
+            describe=lambda: Counter(_one_each(ls, pid, version, unlabelled)[0].values()))
+        runs = wait_until("the refresh run done", lambda: [r for r in backend.get(f"/report/{pid}.json")["bulk"]
+                                                           if r["model_version"] == version and r["status"] == "done"],
+                          timeout=400, every=5)
+        counts, worst = _one_each(ls, pid, version, unlabelled)
+        assert set(counts.values()) == {1} and worst == 1, Counter(counts.values())
+        assert runs[0]["workers"] >= 2 and runs[0]["done"] == runs[0]["total"] == len(unlabelled), runs
+        print(f"[e2e] refresh: {runs[0]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(extra.pid, signal.SIGKILL)
+        extra.wait(30)
