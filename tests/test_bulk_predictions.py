@@ -273,6 +273,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait(30)
 
 
+@pytest.mark.slow  # two worker processes, one SIGKILLed
 def test_two_workers_share_one_job_and_a_killed_one_loses_nothing(
         settings, embedded_redis_url, stub_ls, tmp_path) -> None:
     """Two worker processes on the bulk queue: the job's chunks go to both; the helper's worker is SIGKILLed
