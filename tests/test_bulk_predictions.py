@@ -281,7 +281,7 @@ def test_two_workers_share_one_job_and_a_killed_one_loses_nothing(
     from rq import Queue, Worker
     from rq.job import Job
 
-    from tests.toy import wait_for
+    from slm_annotator.testing import wait_for
     from worker.policy import BULK_QUEUE, enqueue_bulk
 
     tasks = _tasks(120)
