@@ -14,7 +14,8 @@ import pytest
 
 from backend.app import create_app
 from slm_annotator.store import Store
-from slm_annotator.stub_label_studio import TOKEN, StubLabelStudio
+from slm_annotator.testing import STUB_TOKEN as TOKEN
+from slm_annotator.testing import StubLabelStudio
 from tests.toy import worker_env
 
 CONFIG = """<View><Text name="text" value="$text"/>
