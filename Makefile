@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 9090
 
-.PHONY: install run test lint bench bench-recipes e2e clean
+.PHONY: install run test test-fast lint bench bench-recipes e2e clean
 
 $(BIN)/slm-annotator: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,15 +23,18 @@ run: install          ## install everything, start the backend (and a training w
 test: install         ## install everything and run the whole test suite (Label Studio end-to-end included)
 	SLM_E2E=1 $(BIN)/python -m pytest -q -ra
 
+test-fast: install    ## the quick tier, under 2 min on 2 cores: no training runs, real weights, spawned servers or workers
+	$(BIN)/python -m pytest -q -ra -m "not slow and not e2e and not postgres and not gpu"
+
 lint: install         ## ruff, then the import contracts in pyproject.toml ([tool.importlinter])
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
 bench: install
-	$(BIN)/python bench/bench_predict.py
+	$(BIN)/python -m bench.bench_predict
 
 bench-recipes: install  ## majority + embedding head on every dev set, 3 seeds; FLAGS="--slm-features --base --adapter" adds the SLM
-	$(BIN)/python bench/bench_recipes.py $(FLAGS)
+	$(BIN)/python -m bench.bench_recipes $(FLAGS)
 
 clean:
 	rm -rf $(VENV) .cache model_dir

@@ -17,7 +17,6 @@ from backend.protocol import bp as protocol_bp
 from backend.report import bp as report_bp
 from backend.services import Services, build_services
 from backend.store_metrics import StoreCollector
-from slm_annotator import redact
 from slm_annotator.costs import Prices
 from slm_annotator.settings import Settings, load_settings
 
@@ -30,8 +29,9 @@ def _endpoint() -> str:
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
+    """The app and nothing else: no thread, no process-wide state. The process that serves it installs log
+    redaction (cli._logging) and calls start_background(app)."""
     settings = settings or (services.settings if services else load_settings())
-    redact.install(settings)
     check_posture(settings)  # exposed without credentials: refuse to start, naming BASIC_AUTH_USER/PASS
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -100,12 +100,22 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         body, content_type = metrics.render(store_metrics)
         return Response(body, 200, {"Content-Type": content_type})
 
-    _start_flusher(svc)
     return app
 
 
-def _start_flusher(svc: Services, period: float = 5.0) -> None:
-    """Re-sends training requests that found Redis down; a daemon thread per app, until Services.close()."""
+FLUSH_PERIOD_S = 5.0  # a training request that found Redis down is re-sent within this many seconds of its return
+
+
+def start_background(app: Flask) -> None:
+    """What a serving process runs beside its requests: the training-request flusher, and the model's load (at
+    boot: /health and /setup stay instant, and Label Studio's first /predict, 100 s timeout, does not pay for it)."""
+    svc: Services = app.extensions["slm"]
+    start_flusher(svc)
+    svc.model.start_loading()
+
+
+def start_flusher(svc: Services, period: float = FLUSH_PERIOD_S) -> threading.Thread:
+    """Re-sends training requests that found Redis down; a daemon thread, until Services.close()."""
 
     def loop() -> None:
         while not svc.stopped.wait(period):
@@ -114,4 +124,6 @@ def _start_flusher(svc: Services, period: float = 5.0) -> None:
             except Exception:
                 log.exception("training-request flusher failed")
 
-    threading.Thread(target=loop, name="training-flusher", daemon=True).start()
+    thread = threading.Thread(target=loop, name="training-flusher", daemon=True)
+    thread.start()
+    return thread

@@ -75,8 +75,8 @@ class Services:
         return self.judge_client
 
     def close(self) -> None:
-        """Stops this app's background flusher, so an app that is done with (tests, reloads) stops touching a
-        database and a queue that may be gone or belong to someone else."""
+        """Stops the background flusher, if start_flusher started one for these services: an app that is done with
+        (tests, reloads) stops touching a database and a queue that may be gone or belong to someone else."""
         self.stopped.set()
 
     def known_config(self, project_id: str) -> str | None:

@@ -8,7 +8,7 @@ here is the same small base model with an adapter trained on every training item
 the members, which see --n-train items); its tokens are priced as a big API model's (PRICE_JUDGE_*), which is
 the trade-off a team makes.
 
-  python bench/bench_autoannotator.py --dataset lewidi:HS-Brexit --n-train 100 --out bench/results/autoannotator
+  python -m bench.bench_autoannotator --dataset lewidi:HS-Brexit --n-train 100 --out bench/results/autoannotator
 """
 
 from __future__ import annotations
@@ -17,14 +17,10 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.routing import RoutingPolicy, route_predictions
 from model.agreement import dimension_report
@@ -41,6 +37,7 @@ from model.svg_charts import PALETTE, Series, line_chart
 from model.training import TrainConfig
 from slm_annotator.costs import Prices, cost_table
 from slm_annotator.store import Store
+from slm_annotator.testing import JudgeProcess
 from worker.pipeline import train_members
 
 
@@ -64,31 +61,11 @@ def train_to(path: Path, args: argparse.Namespace, rubric: Rubric, train: list[E
     return seconds
 
 
-def start_judge(adapter: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import socket
-
-    import requests
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+def start_judge(adapter: Path, args: argparse.Namespace, log: Path) -> JudgeProcess:
     env = {**os.environ, "BASE_MODEL": args.base_model, "QUANTIZATION": args.quantization, "DEVICE": args.device,
            "MODEL_DIR": str(args.model_dir), "LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "slm_annotator.cli", "judge-serve", "--port", str(port),
-                             "--adapter", str(adapter), "--model-name", "judge"], env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"judge-serve exited: {log.read_text()[-2000:]}")
-        try:  # the server accepts connections while its model loads: a read may wait
-            if requests.get(f"{url}/models", timeout=60).ok:
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise RuntimeError("judge-serve did not come up")
+    return JudgeProcess(env, log, ("--adapter", str(adapter), "--model-name", "judge"), startup_timeout=600,
+                        read_timeout=60).start()
 
 
 def agreement(rubric: Rubric, examples: list[Example], values: list[dict[str, str]]) -> dict[str, Any]:
@@ -156,8 +133,8 @@ def main() -> None:
         started = time.perf_counter()
         preds = server.predict(rubric, tasks, ref, ref.name, members=k)
         runs[name] = (preds, time.perf_counter() - started)
-    judge_proc, url = start_judge(adapters / "judge", args, args.out / "judge-serve.log")
-    judge = Judge(JudgeConfig(url, "judge", timeout=60, retries=2, concurrency=8))
+    judge_proc = start_judge(adapters / "judge", args, args.out / "judge-serve.log")
+    judge = Judge(JudgeConfig(judge_proc.url, "judge", timeout=60, retries=2, concurrency=8))
     store = Store(f"sqlite:///{args.out / 'usage.sqlite3'}")
     rows: list[dict[str, Any]] = []
     human_values = consensus_values(rubric, test)
@@ -185,8 +162,7 @@ def main() -> None:
         verdicts = judge.ask_many(rubric, [t["data"] for t in tasks])
         judge_seconds = time.perf_counter() - started
     finally:
-        judge_proc.terminate()
-        judge_proc.wait(timeout=60)
+        judge_proc.stop()
     values = [v.values or {} for v in verdicts]
     tokens_in, tokens_out = sum(v.prompt_tokens for v in verdicts), sum(v.completion_tokens for v in verdicts)
     judge_cost = (tokens_in * prices.judge_input + tokens_out * prices.judge_output) / 1e6

@@ -1,7 +1,7 @@
 """Bulk prediction throughput (issue 15): tasks/s with 1 and 2 workers, and promotion -> all unlabelled refreshed.
 
 Real parts: SQLite store, an embedded redis-server, `slm-annotator worker --queue bulk` processes, the served
-version's real scorer; Label Studio's API is the stub in slm_annotator.stub_label_studio (it answers at once, so
+version's real scorer; Label Studio's API is the stub in slm_annotator.testing (it answers at once, so
 what is timed is the backend's side: scoring, claims, the cache and the HTTP writes).
 
 Scenarios (USR texts, repeated to N tasks; USR's six-dimension rubric):
@@ -32,7 +32,8 @@ from model.results import result_item
 from model.rubric import parse_label_config
 from slm_annotator.settings import Settings, load_settings
 from slm_annotator.store import LabelIn, Store
-from slm_annotator.stub_label_studio import TOKEN, StubLabelStudio
+from slm_annotator.testing import STUB_TOKEN as TOKEN
+from slm_annotator.testing import StubLabelStudio
 
 PROJECT = "7"
 RESULTS = Path(__file__).parent / "results" / "bulk"

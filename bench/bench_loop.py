@@ -12,8 +12,8 @@ What a team waits for (AutoAnnotator's beta = 2,000 labels). The product's own p
 
 The run's own timings (load, training, evaluation) come from the store, so the table says what bounds the total.
 
-  python bench/bench_loop.py --labels 200                                       # CPU, SmolLM2 NF4 (slow)
-  python bench/bench_loop.py --synthetic-config qwen3-1.7b --tokenizer .dev/tok --labels 2000   # GPU
+  python -m bench.bench_loop --labels 200                                       # CPU, SmolLM2 NF4 (slow)
+  python -m bench.bench_loop --synthetic-config qwen3-1.7b --tokenizer .dev/tok --labels 2000   # GPU
 """
 
 from __future__ import annotations
@@ -32,17 +32,13 @@ from typing import Any
 
 import torch
 
+from bench.bench_predict import machine_info, strip_headers, synthetic_dir
+from model.devdata import load_usr_personachat
+from model.loader import pick_device
+from model.results import DimensionScore, to_ls_result
+from model.rubric import parse_label_config
+
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "bench"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-from bench_predict import machine_info, strip_headers, synthetic_dir  # noqa: E402
-
-from model.devdata import load_usr_personachat  # noqa: E402
-from model.loader import pick_device  # noqa: E402
-from model.results import DimensionScore, to_ls_result  # noqa: E402
-from model.rubric import parse_label_config  # noqa: E402
 
 log = logging.getLogger("bench_loop")
 

@@ -14,9 +14,9 @@ are per quantization) and each batch size it measures:
   invalid   product result values outside the label config (must be 0)
 
 Examples:
-  MODEL_DIR=model_dir python bench/bench_predict.py                      # CPU: smollm2, nf4+none, batches 1,32
-  python bench/bench_predict.py --synthetic-config tiny --n-tasks 8       # smoke test
-  python bench/bench_predict.py --synthetic-config qwen3-1.7b --device cuda --batches 1,32,128
+  MODEL_DIR=model_dir python -m bench.bench_predict                      # CPU: smollm2, nf4+none, batches 1,32
+  python -m bench.bench_predict --synthetic-config tiny --n-tasks 8       # smoke test
+  python -m bench.bench_predict --synthetic-config qwen3-1.7b --device cuda --batches 1,32,128
 """
 
 from __future__ import annotations
@@ -44,17 +44,15 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from model.devdata import load_usr_personachat
+from model.loader import load_base
+from model.prompt import PromptBuilder
+from model.results import to_ls_result
+from model.rubric import Rubric, parse_label_config
+from model.scorer import Scorer, decode
+from model.serving import decode_mode
 
-from model.devdata import load_usr_personachat  # noqa: E402
-from model.loader import load_base  # noqa: E402
-from model.prompt import PromptBuilder  # noqa: E402
-from model.results import to_ls_result  # noqa: E402
-from model.rubric import Rubric, parse_label_config  # noqa: E402
-from model.scorer import Scorer, decode  # noqa: E402
-from model.serving import decode_mode  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_predict")
 
@@ -694,11 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     for q in quants:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
             child_out = fh.name
-        cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--quant", q,
+        cmd = [sys.executable, "-m", "bench.bench_predict", *passthrough, "--quant", q,
                "--child-out", child_out, "--source", source]
-        log.info("running %s", " ".join(cmd[2:]))
+        log.info("running %s", " ".join(cmd[3:]))
         t = time.perf_counter()
-        proc = subprocess.run(cmd)
+        proc = subprocess.run(cmd, cwd=ROOT)
         if proc.returncode != 0:
             log.error("quantization %s failed (exit %s)", q, proc.returncode)
             continue

@@ -12,7 +12,7 @@ was served and what would have been are reported.
 The adapter does not train here (TRAIN_THRESHOLD is set out of reach): on a 2-core CPU one adapter run on
 500 items takes over 1.5 hours; what a team gets meanwhile, and what this measures, is the head.
 
-    python bench/bench_protocol.py --sets usr,lewidi:HS-Brexit --seeds 0,1,2 --out bench/results/protocol
+    python -m bench.bench_protocol --sets usr,lewidi:HS-Brexit --seeds 0,1,2 --out bench/results/protocol
 """
 
 from __future__ import annotations
@@ -23,29 +23,26 @@ import json
 import logging
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.harness import (  # noqa: E402
-    load_backend_proc,
+from bench.harness import (
     ls_annotation,
     ls_project,
     ls_result,
     ls_task,
     machine_info,
 )
-from model.agreement import dimension_report  # noqa: E402
-from model.devdata import fixed_split  # noqa: E402
-from model.experiment import examples_of, load_devset  # noqa: E402
-from model.heldout import scale_value  # noqa: E402
-from model.rubric import parse_label_config  # noqa: E402
+from model.agreement import dimension_report
+from model.devdata import fixed_split
+from model.experiment import examples_of, load_devset
+from model.heldout import scale_value
+from model.rubric import parse_label_config
+from slm_annotator.testing import BackendProcess
+
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_protocol")
 PID = 77
@@ -126,10 +123,9 @@ def run_one(name: str, seed: int, n_train: int, n_test: int, env: dict[str, str]
     train_items, test_items = fixed_split(ds.items, 1 / 3, seed)
     train_items, test_items = train_items[:n_train], test_items[:n_test]
     events = webhooks(ds, train_items, seed)
-    proc = load_backend_proc()
     with tempfile.TemporaryDirectory(prefix="bench-protocol-") as tmp:
-        backend = proc.BackendProcess(Path(tmp) / "model_dir", env={"TRAIN_THRESHOLD": "1000000", **env},
-                                      startup_timeout=300).start()
+        backend = BackendProcess(Path(tmp) / "model_dir", env={"TRAIN_THRESHOLD": "1000000", **env},
+                                 startup_timeout=300).start()
         try:
             return _teach_and_ask(backend, ds, rubric, events, train_items, test_items, name, seed)
         finally:

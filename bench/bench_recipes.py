@@ -23,9 +23,9 @@ train split drawn by seed (whole groups first); GoEmotions as a multi-label rubr
 against its gold labels, --goemotions-train items of its train file and --goemotions-test of its dev file, drawn
 by seed. Training is capped at --max-train items everywhere (the issue's "<= 500 labelled items").
 
-  python bench/bench_recipes.py --label cpu-head                     # majority, head (and default = head)
-  python bench/bench_recipes.py --slm-features --base --adapter      # everything (a GPU makes it quick)
-  python bench/bench_recipes.py --merge bench/results/recipes/a bench/results/recipes/b --label combined
+  python -m bench.bench_recipes --label cpu-head                     # majority, head (and default = head)
+  python -m bench.bench_recipes --slm-features --base --adapter      # everything (a GPU makes it quick)
+  python -m bench.bench_recipes --merge bench/results/recipes/a bench/results/recipes/b --label combined
 
 Writes bench/results/recipes/<label>/results.json (machine, versions, every per-dimension number per seed;
 rewritten after every set and seed) and table.md (the mean over seeds of each set's mean-over-dimensions alpha,
@@ -54,19 +54,17 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from model.agreement import mean_pairwise_human_alpha, mean_pairwise_model_alpha, model_vs_consensus
+from model.dataset import Example, split_heldout
+from model.decoding import fit_decision
+from model.devdata import DevItem, group_rank, load_goemotions, load_lewidi
+from model.experiment import examples_of, load_devset, split_devset
+from model.heads import DEFAULT_ENCODER, SentenceEncoder, features, is_ordered, train_head
+from model.heldout import scale_value
+from model.plan import choose, label_counts
+from model.rubric import Rubric, parse_label_config
 
-from model.agreement import mean_pairwise_human_alpha, mean_pairwise_model_alpha, model_vs_consensus  # noqa: E402
-from model.dataset import Example, split_heldout  # noqa: E402
-from model.decoding import fit_decision  # noqa: E402
-from model.devdata import DevItem, group_rank, load_goemotions, load_lewidi  # noqa: E402
-from model.experiment import examples_of, load_devset, split_devset  # noqa: E402
-from model.heads import DEFAULT_ENCODER, SentenceEncoder, features, is_ordered, train_head  # noqa: E402
-from model.heldout import scale_value  # noqa: E402
-from model.plan import choose, label_counts  # noqa: E402
-from model.rubric import Rubric, parse_label_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_recipes")
 

@@ -23,8 +23,8 @@ shared one is never touched), SQLite or a fresh PostgreSQL schema, WEBHOOK_SECRE
      in any log line; the backend healthy at the end.
 
 Examples:
-  .venv/bin/python bench/bench_reliability.py                                   # tiny test model, ~4 min
-  .venv/bin/python bench/bench_reliability.py --base-model smollm2 --quantization nf4 --train-epochs 2 \\
+  .venv/bin/python -m bench.bench_reliability                                   # tiny test model, ~4 min
+  .venv/bin/python -m bench.bench_reliability --base-model smollm2 --quantization nf4 --train-epochs 2 \\
       --requests 3000 --rate 100 --out bench/results/reliability-smollm2.json   # the real default model
 """
 
@@ -41,7 +41,6 @@ import random
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,24 +49,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.harness import (  # noqa: E402
+from bench.harness import (
     Client,
     Event,
     Outcome,
     build_load,
     lat_summary,
-    load_backend_proc,
     machine_info,
     pg_schema_url,
     training_state,
     verify_acknowledged,
 )
-from model.devdata import DevItem  # noqa: E402
-from slm_annotator.store import Store  # noqa: E402
+from model.devdata import DevItem
+from slm_annotator.store import Store
+from slm_annotator.testing import TOY_CONFIG, BackendProcess, RedisServer, free_port, toy_label
+from slm_annotator.testing import WorkerProcess as Worker
+
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_reliability")
 TRAIN_PROJECT, LOAD_PROJECT = "1", "2"
@@ -79,78 +77,6 @@ TINY = ROOT / ".cache" / "tiny-llama-v1"
 
 
 # ------------------------------------------------------------------------------------------------------ processes
-class RedisServer:
-    """A redis-server of our own (append-only), stopped with SHUTDOWN as an operator would."""
-
-    def __init__(self, binary: str, folder: Path, port: int) -> None:
-        self.binary, self.folder, self.port = binary, folder, port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 15.0) -> None:
-        from redis import Redis
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-             "--logfile", str(self.folder / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                if Redis.from_url(self.url, socket_connect_timeout=0.5).ping():
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start; see {self.folder / 'redis.log'}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        from redis import Redis
-
-        if self.proc is None:
-            return
-        with contextlib.suppress(Exception):
-            Redis.from_url(self.url, socket_connect_timeout=1).shutdown(nosave=False)  # AOF flushed
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-
-class Worker:
-    """An RQ worker process in a session of its own (its work horse and scheduler share its group)."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.argv, self.env, self.log_path = argv, env, log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(ROOT))
-
-    def signal_group(self, sig: int, timeout: float = 60.0) -> int | None:
-        if self.proc is None:
-            return None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            code = self.proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # a horse or scheduler left behind
-        self.proc = None
-        return code
-
-
 # ------------------------------------------------------------------------------------------------------ the bench
 @dataclass
 class Bench:
@@ -178,8 +104,8 @@ class Bench:
         return {**self.env, "TRAIN_EPOCHS": str(epochs)}
 
     def new_worker(self, epochs: int) -> Worker:
-        return Worker([str(Path(sys.executable).parent / "slm-annotator"), "worker"], self.worker_env(epochs),
-                      self.tmp / "worker.log")
+        return Worker(self.worker_env(epochs), self.tmp / "worker.log",
+                      argv=[str(Path(sys.executable).parent / "slm-annotator"), "worker"], cwd=ROOT)
 
 
 def basic_auth() -> dict[str, str]:
@@ -346,13 +272,11 @@ def predictor(b: Bench, port: int, rubric: Any, stats: PredictStats, stop: threa
 
 # ------------------------------------------------------------------------------------------------------ training
 def toy_webhooks(n_tasks: int) -> list[dict[str, Any]]:
-    from tests.toy import CONFIG, toy_label
-
     out = []
     for t in range(n_tasks):
         for r, rater in enumerate(["ann", "bob"]):
             label = toy_label(t, 1 + t * 2 + r, rater)
-            out.append({"action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": CONFIG},
+            out.append({"action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": TOY_CONFIG},
                         "task": {"id": label.task_id, "data": label.task_data},
                         "annotation": {"id": label.annotation_id, "task": label.task_id, "result": label.result,
                                        "completed_by": {"email": f"{rater}@example.com"},
@@ -361,10 +285,8 @@ def toy_webhooks(n_tasks: int) -> list[dict[str, Any]]:
 
 
 def start_training(b: Bench) -> None:
-    from tests.toy import CONFIG
-
     port = b.backend.port
-    status, reply = request(port, "POST", "/setup", {"project": f"{TRAIN_PROJECT}.1700000000", "schema": CONFIG,
+    status, reply = request(port, "POST", "/setup", {"project": f"{TRAIN_PROJECT}.1700000000", "schema": TOY_CONFIG,
                                                       "hostname": "http://127.0.0.1:1", "access_token": "x"})
     assert status == 200, reply
     answers = []
@@ -444,8 +366,8 @@ def promotion_crash(b: Bench) -> dict[str, Any]:
     with b.lock:
         b.supervised = False
         b.worker.signal_group(signal.SIGTERM)  # a warm shutdown: it is idle
-        faulty = Worker([sys.executable, str(ROOT / "bench" / "fault_worker.py")],
-                        {**b.worker_env(b.args.train_epochs), "FAULT_MARKER": str(marker)}, b.tmp / "worker.log")
+        faulty = Worker({**b.worker_env(b.args.train_epochs), "FAULT_MARKER": str(marker)}, b.tmp / "worker.log",
+                        argv=[sys.executable, "-m", "bench.fault_worker"], cwd=ROOT)
         faulty.start()
     status, reply = request(b.backend.port, "POST", "/webhook", {"action": "START_TRAINING", "project": {"id": 1}},
                             headers={"X-Webhook-Secret": WEBHOOK_SECRET})
@@ -579,12 +501,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def base_env(args: argparse.Namespace, redis_url: str, database_url: str) -> dict[str, str]:
     env = {"BASE_MODEL": args.base_model, "QUANTIZATION": args.quantization, "REDIS_URL": redis_url,
            "DATABASE_URL": database_url, "BASIC_AUTH_USER": USER, "BASIC_AUTH_PASS": PASSWORD,
@@ -602,16 +518,16 @@ def base_env(args: argparse.Namespace, redis_url: str, database_url: str) -> dic
 def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], Bench]:
     from model.rubric import parse_label_config
 
-    bp = load_backend_proc()
     model_dir = tmp / "model_dir"
-    redis = RedisServer(args.redis_server, tmp / "redis", free_port())
+    redis = RedisServer(tmp / "redis", free_port(), args.redis_server)
     redis.start()
     database_url, drop = (pg_schema_url(args.database_url, args.keep) if args.database_url
                           else (f"sqlite:///{model_dir / 'labels.sqlite3'}", None))
-    backend = bp.BackendProcess(model_dir, base_env(args, redis.url, database_url), startup_timeout=600,
+    backend = BackendProcess(model_dir, base_env(args, redis.url, database_url), startup_timeout=600,
                                 serve_args=("--no-worker",), auth=(USER, PASSWORD))
     config, items = load_items()
-    b = Bench(args, tmp, {}, redis, backend, Worker([], {}, tmp / "worker.log"), Store(database_url), config, items)
+    idle = Worker({}, tmp / "worker.log", argv=[], cwd=ROOT)  # replaced by new_worker once the backend is up
+    b = Bench(args, tmp, {}, redis, backend, idle, Store(database_url), config, items)
     try:
         backend.start()
         b.env = backend.env()

@@ -14,8 +14,8 @@ Each trainer runs in its own child process (peak RSS is per trainer), for --step
 warm-up step. Throughput is counted in annotations (one rater's labels of one task, all dimensions) per
 second, and in sequences and prompt tokens per second.
 
-  MODEL_DIR=model_dir python bench/bench_train.py                 # CPU: smollm2 nf4, product vs naive
-  python bench/bench_train.py --synthetic-config qwen3-1.7b --device cuda --max-tokens 256
+  MODEL_DIR=model_dir python -m bench.bench_train                 # CPU: smollm2 nf4, product vs naive
+  python -m bench.bench_train --synthetic-config qwen3-1.7b --device cuda --max-tokens 256
 """
 
 from __future__ import annotations
@@ -35,19 +35,15 @@ from typing import Any
 
 import torch
 
+from bench.bench_predict import cuda_peak_mb, machine_info, reset_cuda_peak, synthetic_dir
+from model.dataset import Example
+from model.experiment import load_devset, split_devset
+from model.loader import load_base, pick_device, resolve_base
+from model.prompt import PromptBuilder
+from model.rubric import parse_label_config
+from model.training import TrainConfig, attach_lora, train_adapter
+
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "bench"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-from bench_predict import cuda_peak_mb, machine_info, reset_cuda_peak, synthetic_dir  # noqa: E402
-
-from model.dataset import Example  # noqa: E402
-from model.experiment import load_devset, split_devset  # noqa: E402
-from model.loader import load_base, pick_device, resolve_base  # noqa: E402
-from model.prompt import PromptBuilder  # noqa: E402
-from model.rubric import parse_label_config  # noqa: E402
-from model.training import TrainConfig, attach_lora, train_adapter  # noqa: E402
 
 log = logging.getLogger("bench_train")
 
@@ -219,14 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     for spec in args.runs.split(","):
         trainer, layers = spec.split(":")
-        cmd = [sys.executable, __file__, "--trainer", trainer, "--lora-layers", layers,
+        cmd = [sys.executable, "-m", "bench.bench_train", "--trainer", trainer, "--lora-layers", layers,
                "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--max-tokens", str(args.max_tokens), "--quantization", args.quantization, "--device", args.device,
                "--base-model", args.base_model, "--synthetic-config", args.synthetic_config,
                "--tokenizer-from", args.tokenizer_from, "--model-dir", str(args.model_dir),
                "--lora-dropout", str(args.lora_dropout), "--lora-targets", args.lora_targets]
         cmd += ["--profile"] if args.profile else []
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if args.profile:
             print(done.stderr[-12000:], file=sys.stderr)
         found = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]

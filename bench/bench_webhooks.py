@@ -30,9 +30,9 @@ Also useful:
   --nice-worker 19               experiment, not the product: renice the trainer to see what priority buys
 
 Examples:
-  .venv/bin/python bench/bench_webhooks.py                                   # the requirement, SQLite
-  .venv/bin/python bench/bench_webhooks.py --database-url postgresql://postgres@127.0.0.1:5432/test
-  .venv/bin/python bench/bench_webhooks.py --base-model .cache/tiny-llama-v1 --quantization none \
+  .venv/bin/python -m bench.bench_webhooks                                   # the requirement, SQLite
+  .venv/bin/python -m bench.bench_webhooks --database-url postgresql://postgres@127.0.0.1:5432/test
+  .venv/bin/python -m bench.bench_webhooks --base-model .cache/tiny-llama-v1 --quantization none \
       --train-epochs 100000 --min-step 0 --requests 400 --out /tmp/smoke.json   # smoke run, ~1 min
 """
 
@@ -54,17 +54,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.harness import (  # noqa: E402
+from bench.harness import (
     Client,
     build_load,
     get_json,
     get_text,
     lat_summary,
-    load_backend_proc,
     machine_info,
     pct,
     per_second,
@@ -76,8 +71,11 @@ from bench.harness import (  # noqa: E402
     verify,
     wait_training,
 )
-from model.devdata import load_usr_personachat  # noqa: E402
-from slm_annotator.store import Store  # noqa: E402
+from model.devdata import load_usr_personachat
+from slm_annotator.store import Store
+from slm_annotator.testing import BackendProcess
+
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_webhooks")
 
@@ -360,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # cleanup in `finally` on kill too
-    bp = load_backend_proc()
     dev = load_usr_personachat()
     config = dev.label_config
     items = dev.items
@@ -381,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             env["DATABASE_URL"] = database_url
         else:
             database_url = f"sqlite:///{model_dir / 'labels.sqlite3'}"
-        backend = bp.BackendProcess(model_dir, env, startup_timeout=600)
+        backend = BackendProcess(model_dir, env, startup_timeout=600)
         t0 = time.monotonic()
         backend.start()
         port = backend.port

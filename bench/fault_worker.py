@@ -4,24 +4,19 @@ For bench_reliability.py: the work horse dies with os._exit(137) (as under SIGKI
 served adapter was retired and the new one inserted, before COMMIT. It crashes once (FAULT_MARKER records it),
 takes one job, then exits; RQ retries the job on the next worker.
 
-    FAULT_MARKER=/tmp/x.marker python bench/fault_worker.py    # with the backend's environment
+    FAULT_MARKER=/tmp/x.marker python -m bench.fault_worker    # with the backend's environment
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from sqlalchemy import update
 
-from sqlalchemy import update  # noqa: E402
-
-from slm_annotator.schema import AdapterVersion  # noqa: E402
-from slm_annotator.store import Store  # noqa: E402
+from slm_annotator.schema import AdapterVersion
+from slm_annotator.store import Store
 
 MARKER = Path(os.environ.get("FAULT_MARKER", "fault-worker.marker"))
 _real_add_adapter = Store.add_adapter

@@ -21,7 +21,6 @@ import platform
 import random
 import socket
 import string
-import sys
 import threading
 import time
 import uuid
@@ -34,18 +33,6 @@ from slm_annotator.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")
-
-
-def load_backend_proc() -> Any:
-    """tests/e2e/backend_proc.py (BackendProcess: `slm-annotator serve` in its own process group + redis stop)."""
-    path = ROOT / "tests" / "e2e" / "backend_proc.py"
-    spec = importlib.util.spec_from_file_location("slm_bench_backend_proc", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def ls_time(stamp: _dt.datetime) -> str:

@@ -27,13 +27,13 @@ for name in $SETS; do
     flags=$FLAGS
     case " $ADAPTER_PARTS " in *" $part "*) flags="$FLAGS --adapter" ;; esac
     # shellcheck disable=SC2086
-    timeout "$((LIMIT - $(date +%s) + start))" python3 bench/bench_recipes.py --sets "$name" --seeds "$seed" $flags \
+    timeout "$((LIMIT - $(date +%s) + start))" python3 -m bench.bench_recipes --sets "$name" --seeds "$seed" $flags \
       --threads 1 --label "$part" --out-root "$PARTS" > "$PARTS/logs/$part.log" 2>&1 &
   done
 done
 wait
 folders=$(ls -d "$PARTS"/*/ 2>/dev/null | grep -v /logs/)
 # shellcheck disable=SC2086
-python3 bench/bench_recipes.py --merge $folders --label "$LABEL" --out-root "$OUT"
+python3 -m bench.bench_recipes --merge $folders --label "$LABEL" --out-root "$OUT"
 tar czf "$OUT/logs.tgz" -C "$PARTS" .
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true

@@ -19,11 +19,11 @@ from slm_annotator.report_cmds import add_parsers as add_report_parsers
 from slm_annotator.settings import Settings, load_settings
 
 
-def _logging(settings: Settings) -> None:
-    from slm_annotator import redact
+def _logging(settings: Settings, *extra_secrets: str) -> None:
+    """The one logging setup of every command (redact.setup_logging): no command logs a secret it was given."""
+    from slm_annotator.redact import setup_logging
 
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    redact.install(settings)
+    setup_logging(settings, *extra_secrets)
 
 
 def _prepare(settings: Settings) -> str:
@@ -135,13 +135,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             self.cfg.set("accesslog", "-")
             self.cfg.set("control_socket", str(settings.model_dir / "gunicorn.ctl"))  # not one per $HOME
 
-        def load(self) -> Any:
-            from backend.app import create_app
+        def load(self) -> Any:  # in each gunicorn worker process, after the fork: its threads start here
+            from backend.app import create_app, start_background
 
-            app = create_app(load_settings())
-            # Load the model in the background at boot: /health and /setup stay instant, and Label Studio's
-            # first /predict (100 s timeout) does not pay for the load (bounded by MODEL_LOAD_TIMEOUT).
-            app.extensions["slm"].model.start_loading()
+            worker_settings = load_settings()  # REDIS_URL and PROMETHEUS_MULTIPROC_DIR as set above
+            _logging(worker_settings)
+            app = create_app(worker_settings)
+            start_background(app)  # the training-request flusher, and the model load (MODEL_LOAD_TIMEOUT)
             return app
 
         def run(self) -> None:
@@ -161,9 +161,9 @@ def cmd_judge_serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
     settings = load_settings()
-    _logging(settings)
-    settings.model_dir.mkdir(parents=True, exist_ok=True)
     api_key = os.environ.get(args.api_key_env, "")
+    _logging(settings, api_key)
+    settings.model_dir.mkdir(parents=True, exist_ok=True)
 
     class App(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -383,6 +383,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     from slm_annotator.store import Store
 
     settings = load_settings()
+    _logging(settings)
     store = Store(settings.database_url)
     served = store.served_adapter(args.project)
     print(f"served: {served.model_version if served else settings.base_version}")
@@ -396,6 +397,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from slm_annotator.store import Store
 
     settings = load_settings()
+    _logging(settings)
     store = Store(settings.database_url)
     if args.version == "base":
         store.unserve(args.project)

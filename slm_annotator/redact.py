@@ -65,11 +65,21 @@ def _scrub_record(record: logging.LogRecord) -> None:
         record.exc_text = scrub(record.exc_text)
 
 
-def install(settings: Settings) -> None:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(settings: Settings, *extra_secrets: str) -> None:
+    """Every command's one logging setup: LOG_LEVEL, one format, and redaction of the settings' secrets (plus
+    `extra_secrets`, e.g. judge-serve's own API key)."""
+    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)
+    install(settings, *extra_secrets)
+
+
+def install(settings: Settings, *extra_secrets: str) -> None:
     """Adds the settings' secrets to the scrubbed set; the record factory is installed once per process."""
     global _installed
     with _lock:
-        _secrets.update(secrets_of(settings))
+        _secrets.update(secrets_of(settings), (s for s in extra_secrets if s and len(s) >= MIN_SECRET_CHARS))
         if _installed:
             return
         previous = logging.getLogRecordFactory()

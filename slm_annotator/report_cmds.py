@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from slm_annotator.redact import setup_logging
 from slm_annotator.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from model.report_html import render_evaluate
 
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level)
+    setup_logging(settings)
     try:
         if args.project:
             ratings, model = _project_ratings(args, settings)
@@ -121,7 +122,7 @@ def cmd_learning_curve(args: argparse.Namespace) -> int:
     from model.report_html import render_learning_curve
 
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings)
     try:
         if args.data:
             config = Path(args.label_config).read_text(encoding="utf-8") if args.label_config else None

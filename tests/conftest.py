@@ -55,48 +55,6 @@ def build_tiny_model(target: Path, seed: int = 0, hidden: int = 64, layers: int 
     return target
 
 
-_BUILT: list = []  # every Services an app was built with during the session, in order
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _track_apps() -> Iterator[None]:
-    """Every app a test builds stops its flusher once its test (or its module, for module fixtures) is done: a
-    leftover one would keep re-queueing that app's training requests on the shared Redis, into a later test's
-    worker, against a database that may be gone."""
-    import backend.app
-
-    patch = pytest.MonkeyPatch()
-    real = backend.app.build_services
-
-    def spy(*args, **kwargs):
-        _BUILT.append(real(*args, **kwargs))
-        return _BUILT[-1]
-
-    patch.setattr(backend.app, "build_services", spy)
-    yield
-    patch.undo()
-    _close_since(0)
-
-
-def _close_since(start: int) -> None:
-    for svc in _BUILT[start:]:
-        svc.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_module_apps() -> Iterator[None]:
-    start = len(_BUILT)
-    yield
-    _close_since(start)
-
-
-@pytest.fixture(autouse=True)
-def _close_apps() -> Iterator[None]:
-    start = len(_BUILT)  # module fixtures were built before this: they live until their module ends
-    yield
-    _close_since(start)
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = REPO / ".cache" / "tiny-llama-v1"

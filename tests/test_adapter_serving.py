@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from backend.app import create_app
 from slm_annotator.store import Store
 from tests.toy import CONFIG, fill
 from worker.pipeline import run_training
+
+pytestmark = pytest.mark.slow  # trains three adapters
 
 
 def test_each_project_gets_its_adapter_and_the_lru_bound_holds(settings, tiny_model_dir, tmp_path) -> None:

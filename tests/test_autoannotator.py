@@ -195,6 +195,7 @@ def test_continual_set_is_the_pool_plus_replay_and_never_a_heldout_task(continua
     assert all(e.hard and e.ratings == {"judge:judge:big": {"sentiment": "neg"}} and e.data for e in chosen[:5])
 
 
+@pytest.mark.slow  # trains the served adapter, then fine-tunes it
 @pytest.mark.parametrize("members", [1, 2])
 def test_a_full_pool_fine_tunes_the_served_adapter_and_reports_forgetting(continual_settings, monkeypatch,
                                                                           members: int) -> None:
@@ -274,6 +275,7 @@ def _judge(url: str, key: str = JUDGE_KEY, timeout: float = 30.0):
     return Judge(JudgeConfig(url, JUDGE_NAME, key, timeout=timeout, retries=0))
 
 
+@pytest.mark.slow  # judge-serve as a real process
 def test_the_judge_decides_uncertain_items_and_its_answers_fill_the_pool(settings, judge_url) -> None:
     import openai
 
@@ -302,6 +304,7 @@ def test_the_judge_decides_uncertain_items_and_its_answers_fill_the_pool(setting
     assert "human" not in usage
 
 
+@pytest.mark.slow  # judge-serve as a real process
 def test_a_failing_unreachable_or_spent_judge_sends_items_to_humans(settings, judge_url) -> None:
     store = Store(settings.database_url)
     rubric = parse_label_config(CONFIG)
@@ -310,7 +313,7 @@ def test_a_failing_unreachable_or_spent_judge_sends_items_to_humans(settings, ju
     wrong_key = route_predictions(rubric, tasks, [_pred(rubric, (2, 1))], policy, _judge(judge_url, "nope"), store,
                                   "9", settings, 0.0)
     assert wrong_key[0].route == "human" and wrong_key[0].score < 0
-    from tests.judge_server import free_port
+    from slm_annotator.testing import free_port
 
     closed = route_predictions(rubric, tasks, [_pred(rubric, (2, 1))], policy,
                                _judge(f"http://127.0.0.1:{free_port()}/v1", timeout=2.0), store, "9", settings, 0.0)
@@ -327,6 +330,7 @@ def test_a_failing_unreachable_or_spent_judge_sends_items_to_humans(settings, ju
     assert {u.route: u.items for u in store.usage("9")}["judge"] == 3  # the over-budget item never reached the judge
 
 
+@pytest.mark.slow  # waits out a judge timeout
 def test_a_request_waiting_on_the_judge_keeps_its_predict_slot(settings) -> None:
     """PREDICT_QUEUE_LIMIT counts judge calls: the request waiting on a hung judge still holds its slot, so a
     second prediction is turned away (503) instead of taking the thread a webhook needs."""

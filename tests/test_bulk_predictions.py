@@ -14,7 +14,8 @@ import pytest
 
 from backend.app import create_app
 from slm_annotator.store import Store
-from slm_annotator.stub_label_studio import TOKEN, StubLabelStudio
+from slm_annotator.testing import STUB_TOKEN as TOKEN
+from slm_annotator.testing import StubLabelStudio
 from tests.toy import worker_env
 
 CONFIG = """<View><Text name="text" value="$text"/>
@@ -117,6 +118,7 @@ def _clear_bulk_queue(redis_url: str) -> Any:
 
 
 # ------------------------------------------------------------------ 2. /predict within its budget, 3. bulk jobs
+@pytest.mark.slow  # a real worker process
 def test_predict_past_its_budget_answers_a_prefix_and_a_worker_writes_the_rest(
         settings, embedded_redis_url, stub_ls, monkeypatch) -> None:
     """A zero budget: the first chunk is answered, the rest goes to a bulk job that a real worker process runs;
@@ -151,6 +153,7 @@ def test_predict_past_its_budget_answers_a_prefix_and_a_worker_writes_the_rest(
     assert again["results"] == [[], [], []] and ls.per_task(version) == {t["id"]: 1 for t in tasks}
 
 
+@pytest.mark.slow  # a bulk job over a whole project, run twice
 def test_bulk_job_reports_bad_tasks_survives_a_crash_and_writes_each_task_once(
         settings, embedded_redis_url, stub_ls, monkeypatch) -> None:
     from backend.services import build_services
@@ -206,6 +209,7 @@ def test_cli_predict_inline_shows_progress_and_fills_the_project(
 
 
 # ------------------------------------------------------------------------ 4. refresh after a promotion
+@pytest.mark.slow  # trains a head, then refreshes every task
 def test_a_promoted_head_refreshes_every_unlabelled_task_most_uncertain_first(
         settings, embedded_redis_url, stub_ls) -> None:
     from rq.job import Job
@@ -270,6 +274,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait(30)
 
 
+@pytest.mark.slow  # two worker processes, one SIGKILLed
 def test_two_workers_share_one_job_and_a_killed_one_loses_nothing(
         settings, embedded_redis_url, stub_ls, tmp_path) -> None:
     """Two worker processes on the bulk queue: the job's chunks go to both; the helper's worker is SIGKILLed
@@ -277,7 +282,7 @@ def test_two_workers_share_one_job_and_a_killed_one_loses_nothing(
     from rq import Queue, Worker
     from rq.job import Job
 
-    from tests.toy import wait_for
+    from slm_annotator.testing import wait_for
     from worker.policy import BULK_QUEUE, enqueue_bulk
 
     tasks = _tasks(120)

@@ -18,6 +18,8 @@ from slm_annotator.store import Store
 from tests.toy import CONFIG, fill
 from worker.pipeline import run_training
 
+pytestmark = pytest.mark.slow  # trains several members
+
 TEXTS = [{"id": 1, "data": {"text": "great " * 40}}, {"id": 2, "data": {"text": "awful " * 40}}]
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,17 +16,19 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from backend.app import create_app
+from backend.app import create_app, start_flusher
 from slm_annotator.schema import utcnow
 from slm_annotator.store import Store
+from slm_annotator.testing import CLI, RedisServer, WorkerProcess, redis_up
+from slm_annotator.testing import descendants as _descendants
+from slm_annotator.testing import wait_for as _wait
 from tests.toy import CONFIG, fill, toy_label, worker_env
-from tests.toy import descendants as _descendants
-from tests.toy import wait_for as _wait
 from worker.pipeline import run_training
 from worker.policy import QUEUE_NAME, enqueue_training, job_id
-from worker.redis_conn import ensure_embedded, stop_embedded
 
-WORKER = [sys.executable, "-m", "slm_annotator.cli", "worker"]
+pytestmark = pytest.mark.slow  # real RQ workers, a redis-server stopped and started, training runs
+
+WORKER = [*CLI, "worker"]
 
 
 def _digest(path: Path) -> str:
@@ -35,16 +36,15 @@ def _digest(path: Path) -> str:
 
 
 @pytest.fixture
-def private_redis(tmp_path):
-    """A redis-server of this test's own (the embedded binary, append-only), so stopping it hurts no one."""
-    folder = tmp_path / "redis-home"
-    url = ensure_embedded(folder)
-    yield folder, url
-    stop_embedded(folder)
+def private_redis(tmp_path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own (append-only): stop() then start() is an outage that hurts no one else."""
+    with RedisServer(tmp_path / "redis-home") as redis:
+        yield redis
 
 
-def test_worker_killed_mid_training_keeps_the_served_adapter_and_the_job_recovers(settings, private_redis) -> None:
-    _, url = private_redis
+def test_worker_killed_mid_training_keeps_the_served_adapter_and_the_job_recovers(settings, private_redis,
+                                                                                  tmp_path) -> None:
+    url = private_redis.url
     settings = replace(settings, redis_url=url, train_epochs=8, train_lr=1e-2, heldout_fraction=0.25,
                        token_dropout_share=0.0, lora_r=8, train_retries=1, train_retry_delays=(0,))
     store = Store(settings.database_url)
@@ -58,15 +58,13 @@ def test_worker_killed_mid_training_keeps_the_served_adapter_and_the_job_recover
     conn = Redis.from_url(url)
     enqueue_training(conn, settings, "9", "test")
     # A long run (400 epochs) so the kill lands mid-training, whatever the machine's speed.
-    proc = subprocess.Popen(WORKER, env=worker_env(settings, TRAIN_EPOCHS="400"), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = WorkerProcess(worker_env(settings, TRAIN_EPOCHS="400"), tmp_path / "worker.log").start()
     try:
         job = Job.fetch(job_id("9"), connection=conn)
         _wait(lambda: job.get_meta(refresh=True).get("step", 0) >= 3, 180, "training steps in the job's meta")
-        family = _descendants(proc.pid)  # the work horse (in a process group of its own) and the scheduler
+        family = _descendants(worker.pid)  # the work horse (in a process group of its own) and the scheduler
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker's group, as a supervisor would
-        proc.wait(timeout=30)
+        worker.signal_group(signal.SIGKILL, 30)  # the worker's group, as a supervisor would
     assert family, "the worker had no work horse"
     _wait(lambda: not [p for p in family if _running(p)], 10, "the work horse to die with its worker")
     assert job.get_status(refresh=True) == JobStatus.STARTED  # abandoned: nobody will finish it
@@ -88,11 +86,14 @@ def test_worker_killed_mid_training_keeps_the_served_adapter_and_the_job_recover
     assert not list(Path(served.path).parent.glob(".tmp-*"))  # nothing half-written was left behind
 
 
-def test_redis_stopped_while_webhooks_arrive_loses_nothing_and_trains_after(settings, private_redis) -> None:
-    folder, url = private_redis
+def test_redis_stopped_while_webhooks_arrive_loses_nothing_and_trains_after(settings, private_redis, request) -> None:
+    url = private_redis.url
     settings = replace(settings, redis_url=url, train_threshold=40, train_epochs=2, train_lr=1e-2,
                        heldout_fraction=0.25, token_dropout_share=0.0, lora_r=8)
-    client = create_app(settings).test_client()
+    app = create_app(settings)
+    start_flusher(app.extensions["slm"])  # as `serve` does (start_background) in each of its processes
+    request.addfinalizer(app.extensions["slm"].close)  # the flusher stops with the test
+    client = app.test_client()
     client.post("/setup", json={"project": "11.5", "schema": CONFIG})
     store = Store(settings.database_url)
     events = []
@@ -106,8 +107,8 @@ def test_redis_stopped_while_webhooks_arrive_loses_nothing_and_trains_after(sett
                                           "updated_at": f"2026-11-22T10:{t:02d}:0{r}Z"}})
     for event in events[:10]:
         assert client.post("/webhook", json=event).status_code == 200
-    stop_embedded(folder)
-    _wait(lambda: not (folder / "redis.sock").exists() or not _alive(url), 10, "redis to stop")
+    private_redis.stop()
+    _wait(lambda: not redis_up(url), 10, "redis to stop")
     for event in events[10:]:  # threshold crossed while Redis is down
         started = time.perf_counter()
         reply = client.post("/webhook", json=event)
@@ -115,7 +116,7 @@ def test_redis_stopped_while_webhooks_arrive_loses_nothing_and_trains_after(sett
         assert time.perf_counter() - started < 1.0  # Label Studio waits 1 s and never retries
     assert len(store.labels("11")) == 60
     assert store.project("11").training_requested
-    ensure_embedded(folder)  # Redis is back; the backend's own flusher thread re-sends the request
+    private_redis.start()  # Redis is back; the backend's own flusher thread re-sends the request
     conn = Redis.from_url(url)
     _wait(lambda: job_id("11") in Queue(QUEUE_NAME, connection=conn).job_ids, 30, "the training job to be queued")
     assert Queue(QUEUE_NAME, connection=conn).job_ids.count(job_id("11")) == 1
@@ -137,91 +138,67 @@ def test_an_idle_worker_runs_its_maintenance_every_minute(settings, private_redi
     """RQ runs maintenance (abandoned-job retries, scheduler restarts) only between blocking dequeues."""
     from slm_annotator.cli import build_worker
 
-    worker = build_worker(replace(settings, redis_url=private_redis[1]))
+    worker = build_worker(replace(settings, redis_url=private_redis.url))
     assert worker.maintenance_interval == 60 and worker.dequeue_timeout <= 30
 
 
 def test_a_worker_outlives_redis_going_away_mid_job(settings, private_redis, tmp_path) -> None:
     """RQ's worker quits when Redis vanishes under a running job; `slm-annotator worker` starts a new one."""
-    folder, url = private_redis
+    url = private_redis.url
     conn = Redis.from_url(url)
     queue = Queue(QUEUE_NAME, connection=conn)
     first = queue.enqueue("time.sleep", 20, job_timeout=120)
-    log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(WORKER, env=worker_env(replace(settings, redis_url=url)), start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT)
+    worker = WorkerProcess(worker_env(replace(settings, redis_url=url)), tmp_path / "worker.log").start()
     try:
         _wait(lambda: first.get_status(refresh=True) == JobStatus.STARTED, 60, "the first job to start")
-        stop_embedded(folder)
-        _wait(lambda: "starting a new one" in log.read_text(errors="replace"), 90, "the worker to notice")
-        assert proc.poll() is None, log.read_text()[-3000:]
-        ensure_embedded(folder)
+        private_redis.stop()
+        _wait(lambda: "starting a new one" in worker.log_text(), 90, "the worker to notice")
+        assert worker.running(), worker.log_text()[-3000:]
+        private_redis.start()
         second = Queue(QUEUE_NAME, connection=Redis.from_url(url)).enqueue("math.sqrt", 16.0)
         _wait(lambda: second.get_status(refresh=True) == JobStatus.FINISHED, 90, "a new job done after Redis is back")
         assert second.return_value() == 4.0
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        worker.signal_group(signal.SIGKILL, 30)
 
 
-def test_a_redis_outage_during_training_does_not_end_the_run(settings, private_redis) -> None:
+def test_a_redis_outage_during_training_does_not_end_the_run(settings, private_redis, tmp_path) -> None:
     """Progress and heartbeats miss Redis for a few seconds; the training run goes on and promotes once."""
-    folder, url = private_redis
+    url = private_redis.url
     settings = replace(settings, redis_url=url, train_epochs=25, train_lr=1e-2, heldout_fraction=0.25,
                        token_dropout_share=0.0, lora_r=8, train_retries=0)
     store = Store(settings.database_url)
     fill(store, "12", n_tasks=20)
     conn = Redis.from_url(url)
     enqueue_training(conn, settings, "12", "test")
-    proc = subprocess.Popen(WORKER, env=worker_env(settings), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = WorkerProcess(worker_env(settings), tmp_path / "worker.log").start()
     try:
         job = Job.fetch(job_id("12"), connection=conn)
         _wait(lambda: job.get_meta(refresh=True).get("step", 0) >= 2, 180, "training steps")
         stopped = utcnow()
-        stop_embedded(folder)
+        private_redis.stop()
         time.sleep(5)  # progress reports fail meanwhile
-        ensure_embedded(folder)
+        private_redis.start()
         _wait(lambda: store.runs("12") and store.runs("12")[-1].status != "running", 300, "the run to end")
         assert [r.status for r in store.runs("12")] == ["promoted"], store.runs("12")[-1].error[-2000:]
         assert store.runs("12")[0].finished_at > stopped, "the run ended before the outage: nothing was tested"
-        assert proc.poll() is None
+        assert worker.running(), worker.log_text()[-3000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-def _alive(url: str) -> bool:
-    try:
-        return bool(Redis.from_url(url, socket_connect_timeout=0.2).ping())
-    except Exception:
-        return False
+        worker.signal_group(signal.SIGKILL, 30)
 
 
 def test_a_worker_started_while_redis_is_down_waits_for_it(settings, tmp_path) -> None:
     """RQ's Worker talks to Redis as it is built: a worker (re)started during an outage used to exit with 1
     (found by bench_reliability once the heads worker's imports made its start slower than the outage)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"redis://127.0.0.1:{port}/0"
-    proc = subprocess.Popen([*WORKER, "--queue", "training"], env=worker_env(replace(settings, redis_url=url)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    server = None
+    redis = RedisServer(tmp_path / "redis-later", persist=False)  # its port, not listening yet
+    worker = WorkerProcess(worker_env(replace(settings, redis_url=redis.url)), tmp_path / "worker.log",
+                           ("--queue", "training")).start()
     try:
         time.sleep(8)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-        server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                                  stdout=subprocess.DEVNULL)
-        _wait(lambda: _alive(url), 10, "redis to start")
-        job = Queue(QUEUE_NAME, connection=Redis.from_url(url)).enqueue("math.sqrt", 16.0)
+        assert worker.running(), worker.log_text()[-2000:]
+        redis.start()
+        job = Queue(QUEUE_NAME, connection=Redis.from_url(redis.url)).enqueue("math.sqrt", 16.0)
         _wait(lambda: job.get_status(refresh=True) == JobStatus.FINISHED, 30, "the waiting worker to run a job")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if server is not None:
-            server.kill()
-            server.wait()
+        worker.signal_group(signal.SIGKILL, 30)
+        redis.stop()

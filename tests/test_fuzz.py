@@ -20,6 +20,8 @@ from backend.app import create_app
 from model.rubric import parse_label_config
 from slm_annotator.settings import load_settings
 
+pytestmark = pytest.mark.slow  # hypothesis drives every endpoint with hundreds of generated requests
+
 CONFIG = """<View>
   <Text name="text" value="$text"/>
   <Choices name="sentiment" toName="text">

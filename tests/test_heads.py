@@ -64,6 +64,7 @@ def encoder() -> SentenceEncoder:
     return SentenceEncoder()  # the real offline all-MiniLM-L6-v2
 
 
+@pytest.mark.slow  # the real all-MiniLM-L6-v2 weights
 def test_head_learns_the_signal_and_not_the_noise(encoder, tmp_path: Path) -> None:
     rubric = parse_label_config(TWO_DIMS)
     train, test = _toy_examples(60), _toy_examples(20, seed=1)
@@ -109,6 +110,7 @@ def test_untrained_base_prefills_nothing_and_loads_no_model(tmp_path: Path) -> N
     assert [(p.result, p.score, p.model_version) for p in preds] == [([], 0.0, "x-base")] * 3
 
 
+@pytest.mark.slow  # the real all-MiniLM-L6-v2 weights
 def test_a_dimension_below_the_bar_gets_no_value_but_counts_in_the_score(encoder, tmp_path: Path) -> None:
     rubric = parse_label_config(TWO_DIMS)
     train = _toy_examples(60)

@@ -52,6 +52,7 @@ def test_majority_baseline_predicts_the_most_frequent_training_label() -> None:
     assert len(dists) == 3 and dists[0][0].tolist() == [0.0, 1.0]  # values ("pos", "neg")
 
 
+@pytest.mark.slow  # trains adapters
 def test_same_seed_same_curve(settings, tmp_path: Path) -> None:
     ds = to_devset(read_ratings(_toy_csv(tmp_path / "toy.csv", 16), CONFIG), "toy")
     runner = CurveRunner(settings.base_model, settings.model_dir, settings.quantization, settings.device)
@@ -62,6 +63,7 @@ def test_same_seed_same_curve(settings, tmp_path: Path) -> None:
     assert runs[0]["test_items"] == runs[1]["test_items"] and len(runs[0]["test_items"]) == 4
 
 
+@pytest.mark.slow  # trains adapters
 def test_learning_curve_cli_writes_the_curve(settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data, config, out = _toy_csv(tmp_path / "toy.csv"), tmp_path / "toy.xml", tmp_path / "curve"
     config.write_text(CONFIG)

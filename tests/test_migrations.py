@@ -77,6 +77,7 @@ def test_processes_migrating_a_fresh_postgresql_schema_at_once_all_start(pg_sche
     _check_schema(pg_schema_url)
 
 
+@pytest.mark.slow  # several Python processes at once
 def test_processes_migrating_a_fresh_sqlite_file_at_once_all_start(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'labels.sqlite3'}"
     assert _start_together(url) == ["ok"] * PROCESSES

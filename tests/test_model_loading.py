@@ -16,6 +16,7 @@ from model.serving import AdapterSet, ModelServer
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
+from slm_annotator.testing import wait_for
 from tests.toy import CONFIG
 
 TASKS = [{"id": 1, "data": {"text": "great " * 10}}]
@@ -100,14 +101,12 @@ def test_a_failed_load_is_a_503_naming_it_and_the_next_request_retries(settings)
 
 
 def _wait_for_200(client, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def loaded():
         reply, _ = _predict(client)
-        if reply.status_code == 200:
-            return reply
-        assert reply.status_code == 503, reply.json
-        time.sleep(0.2)
-    raise AssertionError("the model never loaded")
+        assert reply.status_code in (200, 503), reply.json
+        return [reply] if reply.status_code == 200 else None
+
+    return wait_for(loaded, timeout, "the model to load")[0]
 
 
 def _fake_adapter(settings: Settings, store: Store, project: str) -> str:

@@ -17,6 +17,8 @@ import torch
 from model.enum_decoding import continuation_logprobs, decode_enum_json, generate_text
 from tests.judge_server import running_judge
 
+pytestmark = pytest.mark.slow  # judge-serve as a real process
+
 API_KEY = "judge-test-key"
 MODEL_NAME = "tiny-judge"
 # "Surprise"/"Surprised" share their first token; "Sad" is the first token of "Sadness".

@@ -7,10 +7,8 @@ container runtime or an operator's `kill` would.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,34 +18,23 @@ import requests
 
 from slm_annotator.cli import STOP_GRACE_S
 from slm_annotator.store import Store
-from tests.e2e.backend_proc import BackendProcess
-from tests.toy import descendants as _descendants
+from slm_annotator.testing import CLI, BackendProcess
+from slm_annotator.testing import descendants as _descendants
+from slm_annotator.testing import wait_for as _wait
 from tests.toy import fill
-from tests.toy import wait_for as _wait
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+pytestmark = [pytest.mark.slow,  # `serve` with its workers and Redis, signalled and restarted
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")]
 
 
 class Serve(BackendProcess):
     """BackendProcess on this checkout's code (`python -m`, not the console script of the installed tree)."""
 
-    def start(self) -> Serve:
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        env = {**self.env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        argv = [sys.executable, "-m", "slm_annotator.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                *self.serve_args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, env=env, cwd=str(self.model_dir.parent), stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        _wait(self._healthy, 180, "serve to be healthy")
-        return self
+    def argv(self) -> list[str]:
+        return [*CLI, "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.serve_args]
 
-    def _healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-        with contextlib.suppress(requests.RequestException, ValueError):
-            return requests.get(self.url + "/health", timeout=2).json().get("status") == "UP"
-        return False
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 def _cmdline(pid: int) -> str:

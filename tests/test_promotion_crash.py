@@ -25,6 +25,8 @@ from slm_annotator.store import Store
 from tests.toy import CONFIG, fill, worker_env
 from worker.pipeline import run_training
 
+pytestmark = pytest.mark.slow  # worker processes killed inside the promotion, training runs
+
 # Runs one training in a fresh interpreter with a crash patched in at MODE; env gives the settings.
 CRASHING_RUN = r"""
 import os, sys

@@ -27,8 +27,9 @@ from tests.test_report_live import _adapter, _predict
 from tests.toy import fill
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run installs it)")
+pytestmark = [pytest.mark.slow,  # a real chromium
+              pytest.mark.skipif(CHROMIUM is None,
+                                 reason="chromium is not installed (apt-get install chromium; .ci/run installs it)")]
 REPORTS = Path(__file__).parent / "fixtures" / "reports"
 WINDOW = (1200, 1400)
 HUMAN_GREY, MODEL_BLUE = (0x9C, 0xA3, 0xAF), (0x25, 0x63, 0xEB)

@@ -14,6 +14,8 @@ from slm_annotator.store import ServedChanged, Store
 from tests.toy import fill
 from worker.pipeline import run_training
 
+pytestmark = pytest.mark.slow  # training runs
+
 
 @pytest.fixture
 def train_settings(settings):

@@ -21,8 +21,9 @@ import pytest
 import requests
 
 from backend.app import create_app
+from slm_annotator import redact
 from slm_annotator.settings import load_settings
-from tests.e2e.backend_proc import BackendProcess
+from slm_annotator.testing import BackendProcess, wait_for
 from tests.pg import PG_URL, fresh_schema
 from tests.toy import CONFIG, toy_label
 
@@ -109,7 +110,9 @@ def test_no_secret_in_logs_or_metrics_in_process(settings, monkeypatch, caplog, 
     monkeypatch.setenv("DATABASE_URL", pg_url_with_password)
     monkeypatch.setenv("REDIS_URL", f"redis://:{REDIS_PASSWORD}@127.0.0.1:1/0")  # down: its errors get logged
     caplog.set_level(logging.DEBUG)
-    app = create_app(load_settings())
+    settings = load_settings()
+    redact.install(settings)  # what every process entry point does (cli._logging); create_app touches no global
+    app = create_app(settings)
     client = app.test_client()
     svc = app.extensions["slm"]
 
@@ -153,6 +156,7 @@ def test_no_secret_in_logs_or_metrics_in_process(settings, monkeypatch, caplog, 
         _assert_clean(record.getMessage() + (record.exc_text or ""), f"log record {record.name}")
 
 
+@pytest.mark.slow  # `serve` and its worker, for real
 @pytest.mark.postgres
 def test_no_secret_in_the_logs_of_a_real_server_and_worker(tmp_path: Path, tiny_model_dir: Path, label_studio: str,
                                                             pg_url_with_password: str) -> None:
@@ -177,12 +181,13 @@ def test_no_secret_in_the_logs_of_a_real_server_and_worker(tmp_path: Path, tiny_
                               headers=hook, timeout=10)
         assert reply.json()["training"] == "queued"
         backend.post("/predict", json={"tasks": "nope"}, expect=(400,))
-        deadline = time.monotonic() + 120
-        runs: list[dict[str, Any]] = []
-        while time.monotonic() < deadline and not (runs and runs[-1]["status"] != "running"):
-            time.sleep(0.5)
+
+        def finished() -> list[dict[str, Any]] | None:
             runs = [r for r in backend.get("/versions/52")["runs"] if r["trigger"] != "sync"]  # syncs: own runs
-        assert runs and runs[-1]["status"] in {"promoted", "refused", "skipped"}, runs
+            return runs if runs and runs[-1]["status"] != "running" else None
+
+        runs = wait_for(finished, 120, "project 52's training run to end", 0.5)
+        assert runs[-1]["status"] in {"promoted", "refused", "skipped"}, runs
         metrics = requests.get(f"{url}/metrics", auth=(USER, PASSWORD), timeout=10).text
     log = backend.log_text()
     assert '"GET /versions/52' in log and "401" in log, "the gunicorn access log must be in the captured output"
@@ -207,3 +212,23 @@ def test_label_studio_calls_are_bounded_by_outbound_timeout(settings, monkeypatc
         sync_project(s, Store(s.database_url), "53")
     assert time.monotonic() - started < 3
     assert _LabelStudioStub.seen == [f"Token {API_KEY}"]
+
+
+def test_evaluate_scrubs_the_database_password_from_its_log(monkeypatch, caplog, tmp_path: Path) -> None:
+    """`evaluate --project` opens DATABASE_URL: its log goes through the CLI's one setup, with redaction."""
+    import slm_annotator.store
+    from slm_annotator.cli import main
+
+    url = f"postgresql://labels:{DB_PASSWORD}@127.0.0.1:1/labels"
+    monkeypatch.setenv("DATABASE_URL", url)
+
+    class UnreachableStore:  # a driver that echoes its connection URL in a warning, as some do
+        def __init__(self, database_url: str, **_: Any) -> None:
+            logging.getLogger("sqlalchemy.pool").warning("could not connect to %s, giving up", database_url)
+            raise OSError("database unreachable")
+
+    monkeypatch.setattr(slm_annotator.store, "Store", UnreachableStore)
+    caplog.set_level(logging.INFO)
+    assert main(["evaluate", "--project", "1", "--out", str(tmp_path)]) == 2
+    assert "could not connect to postgresql://labels:***@127.0.0.1:1/labels" in caplog.text
+    _assert_clean(caplog.text, "evaluate's log")

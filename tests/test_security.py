@@ -428,6 +428,7 @@ def test_judge_serve_bounds_enum_values() -> None:
 
 
 # -------------------------------------------------------------------------------------- 6. bounded growth
+@pytest.mark.slow  # fills the caches past their bounds
 def test_config_and_rubric_caches_stay_bounded(settings) -> None:
     """1,200 /setup calls grew a worker from 519 to 1,890 MB: 2,000 distinct 40 KB configs may not stay cached."""
     import gc
@@ -452,6 +453,7 @@ def test_config_and_rubric_caches_stay_bounded(settings) -> None:
     assert svc.known_config("1999") is not None  # the newest are still cached
 
 
+@pytest.mark.slow  # deletes 60,000 labels
 def test_a_bulk_delete_lets_webhooks_write_meanwhile(settings) -> None:
     """ANNOTATIONS_DELETED of many ids held SQLite's write lock for 31 s; now a label is written while it runs."""
     import threading

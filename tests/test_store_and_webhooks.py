@@ -152,6 +152,34 @@ def test_redis_down_keeps_the_label_and_queues_later(settings, embedded_redis_ur
     assert job_id("4") in Queue(QUEUE_NAME, connection=conn).job_ids
 
 
+def test_create_app_starts_no_thread_and_touches_no_global(settings) -> None:
+    """The factory builds the app and nothing else (flaskr's shape): no flusher to stop after a test, no log filter."""
+    import logging
+    import threading
+
+    factory, threads = logging.getLogRecordFactory(), set(threading.enumerate())
+    create_app(replace(settings, redis_url="redis://127.0.0.1:1/0", basic_auth_user="u",
+                          basic_auth_pass="pw-123456"))
+    assert logging.getLogRecordFactory() is factory
+    assert set(threading.enumerate()) == threads
+
+
+def test_the_serving_flusher_resends_within_seconds_and_stops_with_its_services(settings) -> None:
+    """start_background (serve's gunicorn workers) runs the flusher that re-queues deferred training requests."""
+    import threading
+
+    from backend.app import start_flusher
+
+    svc = create_app(replace(settings, redis_url="redis://127.0.0.1:1/0")).extensions["slm"]
+    flushed = threading.Event()
+    svc.trigger.flush_all = flushed.set
+    thread = start_flusher(svc, period=0.05)
+    assert flushed.wait(5)
+    svc.close()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
 def test_concurrent_writers_of_one_annotation_keep_the_newest(store: Store) -> None:
     """Check-then-write must be atomic: an older update that read the row first must not win."""
     import random

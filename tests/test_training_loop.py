@@ -14,6 +14,8 @@ from slm_annotator.store import Store
 from tests.toy import CONFIG, fill, worker_env
 from worker.pipeline import run_training
 
+pytestmark = pytest.mark.slow  # training runs and RQ worker processes
+
 
 @pytest.fixture
 def train_settings(settings):
@@ -74,7 +76,7 @@ def test_threshold_queues_one_job_that_a_real_worker_runs(train_settings, embedd
     fill(store, "5")  # 120 labels stored directly ...
     for _ in range(3):  # ... and the trigger fires several times: one job
         app.extensions["slm"].trigger.maybe_train("5")
-    assert Queue(QUEUE_NAME, connection=conn).job_ids.count(job_id("5")) == 1  # other tests' flushers share Redis
+    assert Queue(QUEUE_NAME, connection=conn).job_ids.count(job_id("5")) == 1  # the session Redis may hold other jobs
     env = worker_env(settings, TRAIN_EPOCHS="8")
     done = subprocess.run([sys.executable, "-m", "slm_annotator.cli", "worker", "--burst"], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -106,6 +106,7 @@ def _toy_examples(n: int) -> list[Example]:
     return out
 
 
+@pytest.mark.slow  # trains for several epochs
 def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tokenizer) -> None:
     rubric = parse_label_config(CONFIG)
     examples = _toy_examples(40)

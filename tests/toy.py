@@ -1,39 +1,13 @@
-"""A toy rubric a tiny random model learns in seconds: the sentiment word decides the label."""
+"""The toy rubric (slm_annotator.testing: the sentiment word decides the label) and the worker environment of a test."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 from slm_annotator.settings import Settings
-from slm_annotator.store import LabelIn, Store
+from slm_annotator.testing import BAD, GOOD, TOY_CONFIG, fill, toy_label  # noqa: F401 (tests import them here)
 
-CONFIG = """<View><Text name="text" value="$text"/>
-<Choices name="sentiment" toName="text"><Choice value="pos"/><Choice value="neg"/></Choices></View>"""
-GOOD = ["great", "wonderful", "happy", "excellent", "lovely", "superb"]
-BAD = ["awful", "terrible", "sad", "horrible", "nasty", "dreadful"]
-
-
-def toy_label(t: int, annotation_id: int, rater: str, flip: bool = False) -> LabelIn:
-    rng = random.Random(t)
-    positive = t % 2 == 0
-    word = rng.choice(GOOD if positive else BAD)
-    value = "pos" if positive != flip else "neg"
-    result = [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [value]}}]
-    return LabelIn(annotation_id, t + 1, rater, result, {"sentiment": value}, {"text": " ".join([word] * 40)})
-
-
-def fill(store: Store, project: str, n_tasks: int = 60, flip: bool = False, start_id: int = 1) -> None:
-    """n_tasks tasks, two agreeing raters each."""
-    store.upsert_project(project, label_config=CONFIG)
-    for t in range(n_tasks):
-        for r, rater in enumerate(["ann", "bob"]):
-            store.upsert_label(project, toy_label(t, start_id + t * 2 + r, rater, flip))
+CONFIG = TOY_CONFIG
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -43,30 +17,3 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
             "TRAIN_EPOCHS": str(settings.train_epochs), "TRAIN_LR": str(settings.train_lr),
             "HELDOUT_FRACTION": str(settings.heldout_fraction), "LORA_R": str(settings.lora_r),
             "TOKEN_DROPOUT_SHARE": str(settings.token_dropout_share), **extra}
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.2) -> Any:
-    """The predicate's first truthy value; an AssertionError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (children, theirs, ...), read from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = (entry / "stat").read_text()
-                children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out

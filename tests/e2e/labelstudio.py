@@ -28,6 +28,8 @@ from typing import Any
 
 import requests
 
+from slm_annotator.testing import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 LS_VERSION = "1.23.2"
 DEFAULT_USERNAME = "e2e@example.com"
@@ -55,12 +57,6 @@ def ls_available() -> bool:
 def install_ls(timeout: float = 1200) -> None:
     """Run scripts/ls-venv.sh (idempotent; ~1.5 min with a warm pip cache)."""
     subprocess.run(["bash", str(REPO / "scripts" / "ls-venv.sh")], check=True, timeout=timeout)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _port_busy(port: int) -> bool:

@@ -26,11 +26,8 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from backend_proc import REPO, BackendProcess
-
 from model.rubric import Rubric, parse_label_config
+from slm_annotator.testing import REPO, BackendProcess, is_redis, pid_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -136,10 +133,8 @@ def backend_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
 
 
 def _redis_alive(backend: BackendProcess) -> bool:
-    from backend_proc import _alive, _is_redis
-
     pid = backend.redis_pid()
-    return pid is not None and _alive(pid) and _is_redis(pid)
+    return pid is not None and pid_alive(pid) and is_redis(pid)
 
 
 # --------------------------------------------------------------------------- issue "serve"
