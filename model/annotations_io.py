@@ -473,9 +473,16 @@ def from_store(store: Store, project_id: str) -> Ratings:
     project = store.project(project_id)
     if project is None:
         raise KeyError(project_id)
+    return from_labels(project, store.labels(project_id), store.predictions(project_id))
+
+
+def from_labels(project: Any, labels: Iterable[Any], predictions: Iterable[Any] = ()) -> Ratings:
+    """``from_store`` on rows already read (``schema.Project``, ``Annotation``s in task order, ``Prediction``s):
+    /metrics reads the labels of several projects in one query. Raises RubricError without a usable config."""
+    project_id = project.id
     rubric = parse_label_config(project.label_config, project.extra_params)
     ratings = Ratings(dims_from_rubric(rubric), label_config=project.label_config, source=f"project {project_id}")
-    for label in store.labels(project_id):
+    for label in labels:
         item = str(label.task_id) if label.task_id is not None else f"annotation-{label.annotation_id}"
         values = result_values(rubric, label.result)
         if values:
@@ -488,7 +495,7 @@ def from_store(store: Store, project_id: str) -> Ratings:
             if getattr(label, "ground_truth", False):
                 ratings.golden[item] = (rater, values)
     dims = {d.key: d for d in ratings.dimensions}
-    for pred in store.predictions(project_id):
+    for pred in predictions:
         values = {k: str(v) for k, v in (pred.values or {}).items()  # made under the config of its time
                   if k in dims and (dims[k].level == "interval" or str(v) in dims[k].values)}
         if values:
