@@ -225,3 +225,28 @@ def test_reads_ground_truth_from_a_label_studio_export_file(tmp_path: Path) -> N
     assert ratings.golden["1"] == ("gold@x", {"sentiment": "pos"})
     assert ratings.times["a@x"]["1"].startswith("2024-01-")
     assert "4" not in ratings.human["b@x"]  # the cancelled annotation is no label
+
+
+def test_golden_answers_from_the_webhook_path_reach_the_live_report(settings) -> None:
+    """ground_truth on an annotation is stored (migration 0005), a toggle alone updates it, and the project's
+    report scores the annotators against it."""
+    from model.annotations_io import from_store, result_values
+    from model.rubric import parse_label_config
+    from slm_annotator.labelstudio.annotations import label_from_annotation
+    from slm_annotator.project_report import build_project_report
+    from slm_annotator.store import Store
+
+    store = Store(settings.database_url)
+    store.upsert_project("g1", label_config=CONFIG)
+    rubric = parse_label_config(CONFIG)
+    for task in GOLDEN_EXPORT:
+        for ann in task["annotations"]:
+            ann = {**ann, "updated_at": "2024-02-01T00:00:00Z"}
+            store.upsert_label("g1", label_from_annotation(ann, task, "webhook", result_values(rubric, ann["result"])))
+    assert set(from_store(store, "g1").golden) == {"1", "2", "3", "4", "5"}
+    toggled = {**GOLDEN_EXPORT[0]["annotations"][0], "ground_truth": False, "updated_at": "2024-03-01T00:00:00Z"}
+    assert store.upsert_label("g1", label_from_annotation(toggled, GOLDEN_EXPORT[0], "webhook", {"sentiment": "pos"}))
+    assert set(from_store(store, "g1").golden) == {"2", "3", "4", "5"}
+    report = build_project_report(store, "g1", "base", n_boot=10, hide_raters=True)
+    people = report["agreement"]["annotators"]["annotators"]
+    assert people["rater 2"]["overall"]["vs_golden"]["accuracy"] == pytest.approx(3 / 4)  # a@x without task 1
