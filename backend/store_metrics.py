@@ -3,28 +3,47 @@ model-vs-human alpha per dimension, training runs by outcome, and the latest bul
 
 A collector rather than gauges set in request handlers: gunicorn runs several processes and the worker is
 another one, but the store is the one place that always knows.
+
+Per annotator (issue 18): alpha against the others' consensus per dimension and overall, the flag, the number of
+labels. Those need every label and a bootstrap, too much for every scrape of every project, so each process keeps
+them per project and recomputes a project only when its label count (read anyway) has changed and its figures
+are older than ANNOTATOR_TTL; the labels of the projects due come from one grouped query, and a scrape spends at
+most ANNOTATOR_BUDGET seconds on them (the rest keep their previous figures until a later scrape). Annotators
+appear under the pseudonyms of the unauthenticated report page ("rater 1", ...): /metrics carries no e-mails.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy import select
 
+from model.annotations_io import from_labels
+from model.raters import MIN_LABELS, RATER_BOOT, annotator_report
+from model.rubric import RubricError
 from slm_annotator.costs import Prices, cost_table
+from slm_annotator.project_report import pseudonymous
+from slm_annotator.schema import Annotation, Project
 from slm_annotator.store import Store
 
 log = logging.getLogger(__name__)
 ALPHA_MEASURES = {"alpha_model_vs_consensus": "model_vs_consensus", "alpha_model_as_rater": "model_as_rater"}
+ANNOTATOR_TTL = 600.0  # seconds: a project's per-annotator figures are recomputed at most this often
+ANNOTATOR_BUDGET = 2.0  # seconds per scrape spent recomputing them
+ANNOTATOR_BATCH = 5  # projects whose labels one scrape reads (in one query)
+AnnotatorRow = tuple[str, str, float | None, bool | None, int]
 
 
 class StoreCollector(Collector):
     def __init__(self, store: Store, prices: Prices | None = None) -> None:
         self.store = store
         self.prices = prices
+        self._annotators: dict[str, tuple[int, float, list[AnnotatorRow]]] = {}
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily("slm_store_up", "1 if the label store could be read for this scrape")
@@ -53,7 +72,8 @@ class StoreCollector(Collector):
         # A few grouped queries, not three per project: 5,000 projects took 12 s per scrape (issue 17).
         counts, served_all = self.store.all_label_counts(), self.store.all_served()
         run_counts, latest_all = self.store.all_run_counts(), self.store.all_latest_finished()
-        for project in self.store.projects():
+        projects = self.store.projects()
+        for project in projects:
             pid = project.id
             labels.add_metric([pid], counts.get(pid, 0))
             served = served_all.get(pid)
@@ -67,7 +87,52 @@ class StoreCollector(Collector):
             runs.add_metric([pid, status], count)
         for pid, latest in sorted(latest_all.items()):
             last.add_metric([pid, latest.status], latest.finished_at.timestamp())  # type: ignore[union-attr]
-        return [labels, version, alpha, runs, last, *self._bulk_families(), *self._route_families()]
+        return [labels, version, alpha, runs, last, *self._annotator_families(projects, counts),
+                *self._bulk_families(), *self._route_families()]
+
+    def _annotator_families(self, projects: Sequence[Project], counts: dict[str, int]) -> list[GaugeMetricFamily]:
+        """Per annotator: alpha vs the others' consensus, flagged or not (per dimension and "overall"), labels."""
+        self._refresh_annotators(projects, counts)
+        alpha = GaugeMetricFamily("slm_annotator_alpha", "Krippendorff alpha of the annotator against the consensus "
+                                  "of the other annotators, per dimension and overall (mean over dimensions)",
+                                  labels=["project", "annotator", "dimension"])
+        flagged = GaugeMetricFamily("slm_annotator_flagged", "1 when the annotator sits far below the team (upper end "
+                                    "of the 95% bootstrap interval below the team median)",
+                                    labels=["project", "annotator", "dimension"])
+        n_labels = GaugeMetricFamily("slm_annotator_labels", "Tasks the annotator labelled",
+                                     labels=["project", "annotator"])
+        for pid, (_, _, rows) in sorted(self._annotators.items()):
+            for annotator, dim, value, flag, n in rows:
+                if dim == "overall":
+                    n_labels.add_metric([pid, annotator], n)
+                if value is not None:
+                    alpha.add_metric([pid, annotator, dim], value)
+                if flag is not None:
+                    flagged.add_metric([pid, annotator, dim], 1.0 if flag else 0.0)
+        return [alpha, flagged, n_labels]
+
+    def _refresh_annotators(self, projects: Sequence[Project], counts: dict[str, int]) -> None:
+        now = time.monotonic()
+        by_id = {p.id: p for p in projects if counts.get(p.id, 0) >= MIN_LABELS}
+        for pid in set(self._annotators) - set(by_id):
+            del self._annotators[pid]
+        due = [pid for pid in by_id if pid not in self._annotators
+               or (self._annotators[pid][0] != counts[pid] and now - self._annotators[pid][1] > ANNOTATOR_TTL)]
+        due = sorted(due, key=lambda pid: self._annotators.get(pid, (0, -1.0))[1])[:ANNOTATOR_BATCH]
+        if not due:
+            return
+        with self.store.session() as s:
+            rows = list(s.scalars(select(Annotation).where(
+                Annotation.project_id.in_(due), Annotation.deleted.is_(False), Annotation.cancelled.is_(False))
+                .order_by(Annotation.project_id, Annotation.task_id, Annotation.annotation_id)))
+        labels: dict[str, list[Annotation]] = {}
+        for row in rows:
+            labels.setdefault(row.project_id, []).append(row)
+        for pid in due:
+            if time.monotonic() - now > ANNOTATOR_BUDGET:
+                break
+            self._annotators[pid] = (counts[pid], time.monotonic(), _annotator_rows(by_id[pid], labels.get(pid, [])))
+
 
     def _bulk_families(self) -> list[GaugeMetricFamily]:
         """The latest bulk prediction run per project (worker.bulk): tasks by state, rate, ETA, running or not."""
@@ -113,3 +178,19 @@ class StoreCollector(Collector):
                 if table["all_to_judge_cost"] is not None:
                     everything.add_metric([pid], table["all_to_judge_cost"])
         return [*fams.values(), cost, everything]
+
+
+def _annotator_rows(project: Project, labels: list[Annotation]) -> list[AnnotatorRow]:
+    """(annotator pseudonym, dimension or "overall", alpha vs consensus, flagged (None: undecidable), labels)."""
+    try:
+        ratings = pseudonymous(from_labels(project, labels))
+    except RubricError:
+        return []
+    report = annotator_report(ratings, None, RATER_BOOT)
+    out = []
+    for name, a in report["annotators"].items():
+        for dim, e in [("overall", a["overall"]), *a["dimensions"].items()]:
+            value = e["vs_consensus"].get("value")
+            decided = value is not None and not (e.get("flag_reason") or "").startswith("not enough data")
+            out.append((name, dim, value, bool(e.get("flagged")) if decided else None, a["n_labels"]))
+    return out

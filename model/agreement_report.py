@@ -13,6 +13,7 @@ from typing import Any
 
 from model.agreement import alpha, bootstrap_ci, dimension_report, model_vs_consensus, model_vs_humans
 from model.annotations_io import DimSpec, Ratings
+from model.raters import annotator_report
 
 MODEL_KEYS = ("model_alpha_as_rater", "model_vs_consensus", "model_vs_each_human_mean", "model_vs_each_human",
               "accuracy_vs_consensus", "confusion_vs_consensus", "mae_vs_consensus", "predicted_histogram",
@@ -110,6 +111,7 @@ def build_report(ratings: Ratings, model: str | None = None, n_boot: int = 1000,
         "dimensions": dims,
         "summary": {f"mean_{k}": _mean(dims, k) for k in SUMMARY_KEYS},
         "versions": version_history(ratings),
+        "annotators": annotator_report(ratings, model, n_boot, seed),
     }
 
 
@@ -129,4 +131,24 @@ def text_table(report: dict[str, Any]) -> str:
         rows.append(f"| {key} | {d['level']} | {d['n_items']} | {d['n_raters']} | {fmt(d['human_alpha'])} "
                     f"| {fmt(d.get('model_alpha_as_rater'))} | {fmt(d.get('model_vs_consensus'))} "
                     f"| {fmt(d.get('accuracy_vs_consensus'))} | {fmt(d.get('mae_vs_consensus'))} |")
+    return "\n".join(rows)
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    return fmt(entry) if entry and entry.get("value") is not None else "n/a"
+
+
+def annotator_table(report: dict[str, Any]) -> str:
+    """Per annotator (overall): the figures that say who is off, flagged ones first."""
+    section = report.get("annotators") or {}
+    rows = ["| annotator | labels | vs others' consensus | pairwise | leave-one-out | vs model | golden accuracy "
+            "| flag |", "|" + "---|" * 8]
+    for name, a in sorted((section.get("annotators") or {}).items(), key=lambda kv: not kv[1]["flagged"]):
+        o = a["overall"]
+        gold = o["vs_golden"].get("accuracy")
+        golden = "n/a" if gold is None else f"{gold:.3f} (n={o['vs_golden']['n']})"
+        flag = "FLAGGED" if a["flagged"] else (o["vs_consensus"].get("reason") or "")
+        rows.append(f"| {name} | {a['n_labels']} | {_cell(o['vs_consensus'])} | {_cell(o['pairwise'])} "
+                    f"| {_cell(o['leave_one_out'])} | {_cell(o['vs_model'])} "
+                    f"| {golden} | {flag} |")
     return "\n".join(rows)

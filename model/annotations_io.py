@@ -80,6 +80,8 @@ class Ratings:
     models: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # model version -> item -> ...
     model_times: dict[str, str] = field(default_factory=dict)  # model version -> ISO time of its first output
     data: dict[str, dict[str, Any]] = field(default_factory=dict)  # item -> task data (texts), where known
+    times: dict[str, dict[str, str]] = field(default_factory=dict)  # rater -> item -> ISO time of the label
+    golden: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)  # item -> (author, ground truth)
     label_config: str = ""
     source: str = ""
 
@@ -252,6 +254,11 @@ def from_ls_tasks(tasks: Sequence[dict[str, Any]], label_config: str | None, sou
             if values:
                 rater = annotator_of(ann) or f"annotation-{ann.get('id', n)}"
                 ratings.human.setdefault(rater, {}).setdefault(item, {}).update(values)
+                stamp = _iso(ann.get("created_at")) or _iso(ann.get("updated_at"))
+                if stamp:
+                    ratings.times.setdefault(rater, {})[item] = stamp
+                if ann.get("ground_truth") is True:
+                    ratings.golden[item] = (rater, values)
         for pred in task.get("predictions") or []:
             if not isinstance(pred, dict):
                 continue
@@ -466,17 +473,29 @@ def from_store(store: Store, project_id: str) -> Ratings:
     project = store.project(project_id)
     if project is None:
         raise KeyError(project_id)
+    return from_labels(project, store.labels(project_id), store.predictions(project_id))
+
+
+def from_labels(project: Any, labels: Iterable[Any], predictions: Iterable[Any] = ()) -> Ratings:
+    """``from_store`` on rows already read (``schema.Project``, ``Annotation``s in task order, ``Prediction``s):
+    /metrics reads the labels of several projects in one query. Raises RubricError without a usable config."""
+    project_id = project.id
     rubric = parse_label_config(project.label_config, project.extra_params)
     ratings = Ratings(dims_from_rubric(rubric), label_config=project.label_config, source=f"project {project_id}")
-    for label in store.labels(project_id):
+    for label in labels:
         item = str(label.task_id) if label.task_id is not None else f"annotation-{label.annotation_id}"
         values = result_values(rubric, label.result)
         if values:
             rater = label.annotator or f"annotation-{label.annotation_id}"
             ratings.human.setdefault(rater, {}).setdefault(item, {}).update(values)
             ratings.data.setdefault(item, label.task_data or {})
+            stamp = iso_stamp(label.ls_updated_at or label.created_at)
+            if stamp:
+                ratings.times.setdefault(rater, {})[item] = stamp
+            if getattr(label, "ground_truth", False):
+                ratings.golden[item] = (rater, values)
     dims = {d.key: d for d in ratings.dimensions}
-    for pred in store.predictions(project_id):
+    for pred in predictions:
         values = {k: str(v) for k, v in (pred.values or {}).items()  # made under the config of its time
                   if k in dims and (dims[k].level == "interval" or str(v) in dims[k].values)}
         if values:

@@ -186,10 +186,92 @@ def agreement_sections(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def _raters(report: dict[str, Any], limit: int = 30) -> str:
+def _raters(report: dict[str, Any], limit: int = 200) -> str:
+    """Which annotator is off? Per annotator, overall and per dimension; flagged annotators first."""
     names = report.get("raters") or []
-    shown = ", ".join(esc(n) for n in names[:limit]) + (f", … {len(names) - limit} more" if len(names) > limit else "")
-    return f"<p class=\"note\">Human raters ({len(names)}): {shown or 'none'}.</p>"
+    section = report.get("annotators") or {}
+    people = section.get("annotators") or {}
+    if not people:
+        shown = ", ".join(esc(n) for n in names[:30]) + (f", … {len(names) - 30} more" if len(names) > 30 else "")
+        return f"<p class=\"note\">Human raters ({len(names)}): {shown or 'none'}.</p>"
+    order = sorted(people.items(), key=lambda kv: (not kv[1]["flagged"], -(kv[1]["n_labels"])))
+    flagged = [n for n, a in order if a["flagged"] or a.get("flagged_dimensions")]
+    summary = (f"<b>Flagged: {', '.join(esc(n) for n in flagged)}</b>." if flagged else "Nobody is flagged.")
+    note = (f"<p class=\"note\">{len(people)} human annotators. {summary} α vs the others' consensus (the "
+            "majority, or median, of the other annotators on the items they share) with a 95% bootstrap interval; "
+            f"pairwise: α with each other annotator, weighted by shared items; leave-one-out: team α minus team α "
+            f"without the annotator (negative: the team agrees better without). Rule: {esc(section.get('rule'))}."
+            " Trend: α vs consensus on the annotator's first half of labels → second half (by time where known)."
+            "</p>")
+    head = ("<tr><th>annotator</th><th>labels</th><th>shared items</th><th>α vs others' consensus</th>"
+            "<th>pairwise α</th><th>leave-one-out Δα</th><th>α vs model</th><th>golden accuracy</th>"
+            "<th>α vs golden</th><th>trend (1st → 2nd half)</th><th>flag</th></tr>")
+    rows = []
+    for name, a in order[:limit]:
+        o = a["overall"]
+        gold = o["vs_golden"]
+        flag = ("<td><b>flagged</b></td>" if a["flagged"] else
+                f"<td>{'on ' + esc(', '.join(a['flagged_dimensions'])) if a.get('flagged_dimensions') else ''}"
+                f"<span class=\"na\">{esc(o['vs_consensus'].get('reason') or '')}</span></td>")
+        rows.append(f"<tr><td>{esc(name)}</td><td class=\"num\">{a['n_labels']}</td>"
+                    f"<td class=\"num\">{o['n_shared']}</td>{cell(o['vs_consensus'])}{cell(o['pairwise'])}"
+                    f"{cell(o['leave_one_out'])}{cell(o['vs_model'])}{_accuracy(gold)}{cell(gold)}"
+                    f"<td class=\"num\">{_trend(o['trend'])}</td>{flag}</tr>")
+    more = f"<p class=\"note\">… {len(order) - limit} more in the JSON.</p>" if len(order) > limit else ""
+    return ("<h2 id=\"annotators\">Which annotator is off?</h2>" + note
+            + f"<div class=\"wide\"><table class=\"annotators\">{head}{''.join(rows)}</table></div>{more}"
+            + _rater_dimensions(section, order[:limit]) + _model_golden(section))
+
+
+def _accuracy(entry: dict[str, Any]) -> str:
+    acc = entry.get("accuracy")
+    if acc is None:
+        return f'<td class="na" title="{esc(entry.get("reason") or "no golden task")}">n/a</td>'
+    return f'<td class="num">{acc:.3f} (n={entry.get("n")})</td>'
+
+
+def _trend(trend: dict[str, Any]) -> str:
+    a, b = trend.get("first_half"), trend.get("second_half")
+    a = a.get("value") if isinstance(a, dict) else a
+    b = b.get("value") if isinstance(b, dict) else b
+    return "n/a" if a is None or b is None else f"{a:.2f} → {b:.2f}"
+
+
+def _rater_dimensions(section: dict[str, Any], order: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """α vs the others' consensus per annotator and dimension; flagged cells in bold, team median last."""
+    keys = list(section.get("team_median") or {})
+    keys = [k for k in keys if k != "overall"]
+    if len(keys) < 2:
+        return ""
+    head = "<tr><th>annotator</th>" + "".join(f"<th>{esc(k)}</th>" for k in keys) + "</tr>"
+    rows = []
+    for name, a in order:
+        cells = []
+        for k in keys:
+            e = a["dimensions"].get(k)
+            if e is None:
+                cells.append('<td class="na">-</td>')
+                continue
+            c = cell(e["vs_consensus"])
+            cells.append(c.replace('<td class="num">', '<td class="num flagged"><b>⚑ ').replace("</td>", "</b></td>")
+                         if e.get("flagged") else c)
+        rows.append(f"<tr><td>{esc(name)}</td>{''.join(cells)}</tr>")
+    team = section.get("team_median") or {}
+    rows.append("<tr><td><i>team median</i></td>" + "".join(number_cell(team.get(k)) for k in keys) + "</tr>")
+    return ("<p class=\"note\">α vs the others' consensus per dimension (⚑: flagged on that dimension).</p>"
+            f"<div class=\"wide\"><table>{head}{''.join(rows)}</table></div>")
+
+
+def _model_golden(section: dict[str, Any]) -> str:
+    if not section.get("n_golden"):
+        return ("<p class=\"note\">No golden tasks (annotations marked ground truth in Label Studio): accuracy "
+                "against known answers appears here once there are some.</p>")
+    o = (section.get("model_vs_golden") or {}).get("overall") or {}
+    acc = o.get("accuracy")
+    what = (f"accuracy {acc:.3f} on {o.get('n')} golden answers" if acc is not None else
+            f"α {o['value']:.3f}" if o.get("value") is not None else esc(o.get("reason") or "not computed"))
+    return (f"<p class=\"note\">Golden tasks: {section['n_golden']}. The model against them: {what}. An "
+            "annotator's own ground-truth annotation is not counted for that annotator.</p>")
 
 
 def render_evaluate(report: dict[str, Any]) -> str:

@@ -76,7 +76,10 @@ def auto_boot(n_items: int) -> int:
 
 def pseudonymous(ratings: Ratings) -> Ratings:
     """The human raters as "rater 1", "rater 2"... in first-seen order: their e-mails are for authenticated eyes."""
-    ratings.human = {f"rater {n}": by_item for n, by_item in enumerate(ratings.human.values(), 1)}
+    alias = {name: f"rater {n}" for n, name in enumerate(ratings.human, 1)}
+    ratings.human = {alias[name]: by_item for name, by_item in ratings.human.items()}
+    ratings.times = {alias.get(name, "rater ?"): t for name, t in ratings.times.items()}
+    ratings.golden = {item: (alias.get(author, "rater ?"), values) for item, (author, values) in ratings.golden.items()}
     return ratings
 
 

@@ -90,7 +90,7 @@ def _project_ratings(args: argparse.Namespace, settings: Settings) -> tuple[Any,
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Agreement of humans with each other and of the model with the humans, per dimension."""
-    from model.agreement_report import build_report, text_table
+    from model.agreement_report import annotator_table, build_report, text_table
     from model.annotations_io import InputError, apply_levels, parse_levels
     from model.report_html import render_evaluate
 
@@ -110,6 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 2
     json_path, html_path = write_report(args.out, "report", report, render_evaluate(report))
     print(text_table(report))
+    print("\nPer annotator (mean over dimensions):\n" + annotator_table(report))
     print(f"\n{html_path}\n{json_path}")
     return 0
 

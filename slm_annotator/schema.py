@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -58,6 +59,7 @@ class Annotation(Base):
     cancelled: Mapped[bool] = mapped_column(Boolean, default=False)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     hard: Mapped[bool] = mapped_column(Boolean, default=False)
+    ground_truth: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # a golden answer
     source: Mapped[str] = mapped_column(String(16), default="webhook")
     ls_updated_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     seq: Mapped[int] = mapped_column(BigInteger, default=0, index=True)

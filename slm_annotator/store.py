@@ -63,6 +63,7 @@ class LabelIn:
     ls_updated_at: datetime | None = None
     source: str = "webhook"
     hard: bool = False
+    ground_truth: bool = False  # Label Studio's mark of a golden answer
 
 
 def _private_file(path: Path) -> None:
@@ -134,7 +135,7 @@ _LOCK_PROJECT = select(_PROJECTS.c.label_seq).where(_PROJECTS.c.id == bindparam(
 _SET_SEQ = update(_PROJECTS).where(_PROJECTS.c.id == bindparam("p")).values(label_seq=bindparam("seq"))
 _FIND_LABEL = select(
     _ANNOTATIONS.c.id, _ANNOTATIONS.c.ls_updated_at, _ANNOTATIONS.c.deleted, _ANNOTATIONS.c.result,
-    _ANNOTATIONS.c["values"], _ANNOTATIONS.c.cancelled, _ANNOTATIONS.c.annotator,
+    _ANNOTATIONS.c["values"], _ANNOTATIONS.c.cancelled, _ANNOTATIONS.c.annotator, _ANNOTATIONS.c.ground_truth,
 ).where(_ANNOTATIONS.c.project_id == bindparam("p"), _ANNOTATIONS.c.annotation_id == bindparam("a"))
 _TOUCH_LABEL = (
     update(_ANNOTATIONS).where(_ANNOTATIONS.c.id == bindparam("row_id"))
@@ -146,7 +147,7 @@ _TOMBSTONE = (
 )
 DELETE_BATCH = 500  # annotation ids per transaction of a bulk delete
 _LABEL_FIELDS = ("task_id", "annotator", "result", "values", "cancelled", "source", "ls_updated_at", "seq",
-                 "updated_at")
+                 "updated_at", "ground_truth")
 
 
 def _update_label(with_task_data: bool, hard: bool) -> tuple[Any, tuple[str, ...]]:
@@ -288,8 +289,8 @@ class Store:
         if row is not None and row.deleted:
             return False  # Label Studio never updates a deleted annotation: this one is late
         now = utcnow()
-        if row is not None and (row.result, row.cancelled, row[4], row.annotator) == (
-            label.result, label.cancelled, label.values, label.annotator
+        if row is not None and (row.result, row.cancelled, row[4], row.annotator, row.ground_truth) == (
+            label.result, label.cancelled, label.values, label.annotator, label.ground_truth
         ):
             if label.ls_updated_at:
                 s.execute(_TOUCH_LABEL, {"row_id": row.id, "ls_updated_at": label.ls_updated_at})
@@ -298,6 +299,7 @@ class Store:
             "task_id": label.task_id, "annotator": label.annotator, "result": label.result, "values": label.values,
             "cancelled": label.cancelled, "source": label.source, "ls_updated_at": label.ls_updated_at,
             "seq": seq + 1, "updated_at": now, "task_data": label.task_data, "hard": label.hard,
+            "ground_truth": label.ground_truth,
         }
         if row is None:
             s.execute(_ANNOTATIONS.insert(), {**fields, "project_id": project_id, "annotation_id": label.annotation_id,

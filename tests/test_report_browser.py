@@ -79,6 +79,7 @@ def served(settings) -> Iterator[str]:
 def test_live_report_page_renders_in_chromium(served: str, tmp_path: Path) -> None:
     dom, colours = _render(f"{served}/report/51", tmp_path, "live-report")
     assert "Project 51: agreement report" in dom
+    assert 'id="annotators"' in dom and "Which annotator is off?" in dom  # the per-annotator table (issue 18)
     charts = re.findall(r'<svg class="chart ([\w-]+)"', dom)
     assert charts.count("alpha-bars") == 1 and charts.count("versions") == 1 and "confusion" in charts
     assert len(re.findall(r'<rect class="bar"', dom)) == 4  # humans + the model's three views of "sentiment"
@@ -96,5 +97,6 @@ def test_evaluate_report_file_renders_in_chromium(tmp_path: Path) -> None:
     dom, colours = _render(page.as_uri(), tmp_path, "evaluate-report")
     assert len(re.findall(r'<rect class="bar"', dom)) == 3 * 4 + 2  # tags options: the model gave none
     assert len(re.findall(r'<svg class="chart confusion"', dom)) == 2  # sentiment and quality
+    assert '<table class="annotators">' in dom and "Which annotator is off?" in dom
     assert len(re.findall(r'<circle class="point"', dom)) == 3 * 2  # α by model version: 3 predicted dims x v1, v2
     assert colours[HUMAN_GREY] > 500 and colours[MODEL_BLUE] > 500 and len(colours) > 50

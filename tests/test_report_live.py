@@ -159,6 +159,8 @@ def test_metrics_expose_store_gauges(live) -> None:
     assert 'slm_training_runs{project="31",status="refused"} 1.0' in text
     assert re.search(r'slm_training_last_finished_timestamp_seconds\{project="31",status="refused"\} \d', text)
     assert "slm_store_up 1.0" in text and "secret" not in text.lower()
+    assert re.search(r'slm_annotator_labels\{annotator="rater 1",project="31"\} 30', text)  # pseudonyms, no e-mails
+    assert re.search(r'slm_annotator_alpha\{annotator="rater 1",dimension="overall",project="31"\} ', text)
 
 
 def test_a_metrics_scrape_reads_the_store_in_as_many_queries_for_many_projects_as_for_few(live) -> None:
@@ -182,6 +184,7 @@ def test_a_metrics_scrape_reads_the_store_in_as_many_queries_for_many_projects_a
             event.remove(engine, "before_cursor_execute", count)
         return len(seen)
 
+    scrape()  # the first scrape reads the labels of projects without per-annotator figures yet (one query)
     few = scrape()
     for n in range(40):
         store.upsert_project(f"many-{n}")

@@ -95,6 +95,7 @@ def label_from_annotation(annotation: Any, task: Any, source: str, values: dict[
         values=values,
         task_data=data,
         cancelled=bool(annotation.get("was_cancelled")),
+        ground_truth=annotation.get("ground_truth") is True,
         ls_updated_at=parse_time(annotation.get("updated_at")) or parse_time(annotation.get("created_at")),
         source=source,
     )
