@@ -10,6 +10,7 @@ from typing import Any
 
 from backend.routing import judge_config
 from model.annotator import Annotator, Served, served_from_folder
+from model.heads import encoder_device
 from model.judge import Judge
 from model.rubric import Rubric, parse_label_config
 from model.serving import AdapterRef, ModelServer
@@ -54,7 +55,7 @@ class Services:
     stopped: threading.Event = field(init=False, default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.annotator = Annotator(self.model, self.settings.head_encoder)
+        self.annotator = Annotator(self.model, self.settings.head_encoder, encoder_device(self.settings.device))
         self.predict_slots = threading.BoundedSemaphore(self.settings.predict_slots)
         # a report computed (not cached) takes one of these AND a predict slot: together they leave a thread free
         self.report_slots = threading.BoundedSemaphore(self.settings.report_queue_limit)

@@ -85,6 +85,16 @@ def encoder_path(name: str) -> Path | str:
     return name
 
 
+def encoder_device(setting: str) -> str:
+    """Where the serving encoder runs: on the GPU when DEVICE allows one and there is one. On the CPU next to a GPU,
+    two bulk workers fought over the cores and were 2.8x slower than one (bench/results/bulk/gpu-h200-x2/notes.md)."""
+    if setting == "cpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @functools.lru_cache(maxsize=4)
 def shared_encoder(name: str, device: str = "cpu") -> SentenceEncoder:
     return SentenceEncoder(name, device)
