@@ -211,11 +211,7 @@ def _single_tokens(tokenizer: Any, strings: list[str], space: bool) -> list[int]
 
 def answer_space(tokenizer: Any, dim: Dimension) -> AnswerSpace:
     """Prefer the values themselves as answers (the model's prior knows "1".."5", "yes"); else letter codes."""
-    candidates = [list(dim.values)]
-    if dim.control_type == "choices" and not dim.is_option:
-        candidates.append(list(CODES[: len(dim.values)]))
-    else:
-        candidates.append(list(CODES[: len(dim.values)]))
+    candidates = [list(dim.values), list(CODES[: len(dim.values)])]
     for codes in candidates:
         for space in (True, False):
             ids = _single_tokens(tokenizer, codes, space)

@@ -62,12 +62,6 @@ class Dimension:
     def is_option(self) -> bool:
         return self.option is not None
 
-    def numeric(self, value: str) -> float | None:
-        try:
-            return float(value)
-        except ValueError:
-            return None
-
 
 @dataclass(frozen=True)
 class Rubric:

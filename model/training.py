@@ -57,7 +57,6 @@ class TrainConfig:
 @dataclass
 class TrainStats:
     steps: int = 0
-    examples_seen: int = 0
     labels_seen: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
@@ -67,12 +66,6 @@ class TrainStats:
     @property
     def samples_per_second(self) -> float:
         return self.labels_seen / self.seconds if self.seconds else 0.0
-
-
-def soft_cross_entropy(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """Mean over (example, dimension) pairs that have labels of -sum(target * log p) over allowed values."""
-    total, count = soft_cross_entropy_sum(logits, targets)
-    return total / max(count, 1)
 
 
 def soft_cross_entropy_sum(
@@ -219,7 +212,6 @@ def train_adapter(
             optimizer.step()
             scheduler.step()
             stats.steps += 1
-            stats.examples_seen += len(batch)
             stats.labels_seen += sum(len(ex.ratings) for ex in batch)
             stats.losses.append(loss)
             stats.seconds = time.perf_counter() - start

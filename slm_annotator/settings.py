@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from slm_annotator.bases import short_name
@@ -49,15 +49,6 @@ def _env_bar(name: str, default: float) -> float | None:
     if not -1.0 <= value <= 1.0:
         raise ValueError(f"{name} must be an alpha between -1 and 1, or 'none', got {raw!r}")
     return value
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = _env(name, "1" if default else "0").strip().lower()
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"environment variable {name} must be a boolean (true/false), got {raw!r}")
 
 
 ROUTES = {"none", "human", "judge"}  # where items the ensemble disagrees on go (ROUTE)
@@ -140,11 +131,6 @@ class Settings:
     bulk_job_timeout: int = 6 * 3600  # BULK_JOB_TIMEOUT: seconds one bulk prediction job may run
     bulk_ls_patience: float = 900.0  # BULK_LS_PATIENCE: seconds a bulk job retries a Label Studio that is down
     bind_host: str = "127.0.0.1"  # where `serve` listens (BIND_HOST, set from --host): not loopback needs auth
-    extra: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def embedded_redis(self) -> bool:
-        return not self.redis_url
 
     @property
     def base_version(self) -> str:

@@ -237,3 +237,4 @@ def test_a_burst_that_arrives_during_a_head_round_gets_the_next_round(settings, 
     assert calls == [20, 32] and result["status"] == "promoted"
     assert [a.metrics["head"]["labels"] for a in store.adapters("21")] == [20, 32]
     assert store.served_adapter("21").version == 2
+    assert [r.adapter_version for r in store.runs("21") if r.trigger == "head"] == [1, 2]  # recorded on each run

@@ -24,6 +24,14 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 
 
+def promoted_version(store: Store, project_id: str, outcome: Any) -> int | None:
+    """The adapter version a run promoted (recorded on the run), None when it promoted nothing."""
+    if outcome.status != "promoted":
+        return None
+    served = store.served_adapter(project_id)
+    return served.version if served is not None and served.model_version == outcome.model_version else None
+
+
 def die_with_worker() -> None:
     """The RQ work horse running this job dies when its worker dies, even by SIGKILL (Linux).
 
@@ -86,7 +94,7 @@ def train_project(project_id: str, trigger: str = "threshold", continual: bool =
     store.finish_run(
         run.id, outcome.status, advance_watermark=not continual,
         error="" if outcome.status != "skipped" else outcome.detail,
-        metrics=outcome.metrics or {}, adapter_version=None,
+        metrics=outcome.metrics or {}, adapter_version=promoted_version(store, project_id, outcome),
         n_train=(outcome.metrics or {}).get("train", {}).get("tasks", 0),
         n_heldout=(outcome.metrics or {}).get("heldout_tasks", 0),
     )
@@ -133,7 +141,7 @@ def _head_round(settings: Settings, store: Store, project_id: str, job_id: str) 
     head = (outcome.metrics or {}).get("head", {})
     store.finish_run(run.id, outcome.status, advance_watermark=False,
                      error="" if outcome.status != "skipped" else outcome.detail, metrics=outcome.metrics or {},
-                     n_train=head.get("tasks", 0))
+                     n_train=head.get("tasks", 0), adapter_version=promoted_version(store, project_id, outcome))
     log.info("project %s head %s: %s", project_id, outcome.status, outcome.detail)
     return {"status": outcome.status, "detail": outcome.detail, "model_version": outcome.model_version,
             "labels": head.get("labels", 0)}
@@ -147,10 +155,3 @@ def _already_taken(settings: Settings, store: Store, project_id: str) -> bool:
         return False
     runs = store.runs(project_id)
     return bool(runs) and runs[-1].status in {"promoted", "refused", "skipped"}
-
-
-def sync_job(project_id: str) -> dict[str, Any]:
-    die_with_worker()
-    settings = load_settings()
-    store = Store(settings.database_url)
-    return sync_project(settings, store, project_id)
