@@ -28,7 +28,7 @@ test-fast: install    ## the quick tier, under 2 min on 2 cores: no training run
 
 lint: install         ## ruff, then the import contracts in pyproject.toml ([tool.importlinter])
 	$(BIN)/ruff check .
-	$(BIN)/lint-imports
+	$(BIN)/python scripts/lint_imports.py  # lint-imports over the installed layout (slm_annotator.model = model/)
 
 bench: install
 	$(BIN)/python -m bench.bench_predict

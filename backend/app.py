@@ -10,13 +10,13 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from backend import metrics
-from backend.auth import OPEN_PATHS, SECRET_HEADER, basic_auth_on, basic_ok, check_posture, secret_ok
-from backend.errors import ApiError
-from backend.protocol import bp as protocol_bp
-from backend.report import bp as report_bp
-from backend.services import Services, build_services
-from backend.store_metrics import StoreCollector
+from slm_annotator.backend import metrics
+from slm_annotator.backend.auth import OPEN_PATHS, SECRET_HEADER, basic_auth_on, basic_ok, check_posture, secret_ok
+from slm_annotator.backend.errors import ApiError
+from slm_annotator.backend.protocol import bp as protocol_bp
+from slm_annotator.backend.report import bp as report_bp
+from slm_annotator.backend.services import Services, build_services
+from slm_annotator.backend.store_metrics import StoreCollector
 from slm_annotator.costs import Prices
 from slm_annotator.settings import Settings, load_settings
 

@@ -10,8 +10,8 @@ import torch
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
-from backend.openai_api import Judge, error_response
-from backend.openai_api import bp as openai_bp
+from slm_annotator.backend.openai_api import Judge, error_response
+from slm_annotator.backend.openai_api import bp as openai_bp
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -20,7 +20,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 def load_judge_model(base_model: str, model_dir: Path, quantization: str, device: str, adapter: str | None = None
                      ) -> tuple[Any, Any, torch.device, str]:
     """(model, tokenizer, device, short name), with the same loading code as the backend."""
-    from model.loader import load_base
+    from slm_annotator.model.loader import load_base
 
     base = load_base(base_model, model_dir, quantization, device)
     if not adapter:

@@ -18,7 +18,7 @@ import torch
 from flask import Blueprint, Response, current_app, jsonify, request
 from jinja2 import TemplateError
 
-from model.enum_decoding import decode_enum_json, generate_text, max_json_tokens, render_json
+from slm_annotator.model.enum_decoding import decode_enum_json, generate_text, max_json_tokens, render_json
 
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS_CAP = 1024

@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Request
 
-from backend.errors import ApiError
+from slm_annotator.backend.errors import ApiError
 from slm_annotator.labelstudio.annotations import (
     INT64,
     AnnotationError,

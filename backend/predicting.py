@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.payloads import INT64
-from backend.routing import Routed, RoutingPolicy, route_predictions
-from model.annotator import Served
-from model.heads import data_hash
-from model.prompt import TaskDataError
-from model.results import values_from_result
-from model.rubric import Rubric
+from slm_annotator.backend.payloads import INT64
+from slm_annotator.backend.routing import Routed, RoutingPolicy, route_predictions
+from slm_annotator.model.annotator import Served
+from slm_annotator.model.heads import data_hash
+from slm_annotator.model.prompt import TaskDataError
+from slm_annotator.model.results import values_from_result
+from slm_annotator.model.rubric import Rubric
 
 log = logging.getLogger(__name__)
 Entry = dict[str, Any]

@@ -10,18 +10,18 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from backend import metrics
-from backend.errors import ApiError
-from backend.payloads import clean_text, int64, json_body, label_from, label_studio_url, project_id
-from backend.predicting import predict_cached, task_id_of
-from backend.routing import routing_policy
-from backend.services import Services, base_version, cached_rubric
-from model.prompt import TaskDataError
-from model.results import values_from_result
-from model.rubric import Rubric, RubricError, parse_extra_params
-from model.serving import ModelUnavailable
+from slm_annotator.backend import metrics
+from slm_annotator.backend.errors import ApiError
+from slm_annotator.backend.payloads import clean_text, int64, json_body, label_from, label_studio_url, project_id
+from slm_annotator.backend.predicting import predict_cached, task_id_of
+from slm_annotator.backend.routing import routing_policy
+from slm_annotator.backend.services import Services, base_version, cached_rubric
+from slm_annotator.model.prompt import TaskDataError
+from slm_annotator.model.results import values_from_result
+from slm_annotator.model.rubric import Rubric, RubricError, parse_extra_params
+from slm_annotator.model.serving import ModelUnavailable
 from slm_annotator.project_settings import ProjectSettings, ProjectSettingsError, request_overrides
-from worker.policy import members_for
+from slm_annotator.worker.policy import members_for
 
 log = logging.getLogger(__name__)
 bp = Blueprint("protocol", __name__)

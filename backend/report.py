@@ -14,12 +14,12 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from backend import metrics
-from backend.errors import ApiError
-from backend.payloads import project_id
-from backend.services import Services
-from model.report_html import CSP, render_project
+from slm_annotator.backend import metrics
+from slm_annotator.backend.errors import ApiError
+from slm_annotator.backend.payloads import project_id
+from slm_annotator.backend.services import Services
 from slm_annotator.costs import Prices
+from slm_annotator.model.report_html import CSP, render_project
 from slm_annotator.project_report import build_project_report
 
 bp = Blueprint("report", __name__)

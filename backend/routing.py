@@ -11,16 +11,16 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from backend.payloads import INT64
-from model.judge import Judge, JudgeConfig
-from model.results import DimensionScore, to_ls_result
-from model.rubric import Rubric
-from model.serving import TaskPrediction
 from slm_annotator import project_settings
+from slm_annotator.backend.payloads import INT64
 from slm_annotator.costs import Prices, judge_spend
+from slm_annotator.model.judge import Judge, JudgeConfig
+from slm_annotator.model.results import DimensionScore, to_ls_result
+from slm_annotator.model.rubric import Rubric
+from slm_annotator.model.serving import TaskPrediction
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
-from worker.policy import members_for
+from slm_annotator.worker.policy import members_for
 
 log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4  # the judge's tokenizer is unknown: its texts are cut to MAX_PROMPT_TOKENS x this many characters

@@ -8,17 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backend.routing import judge_config
-from model.annotator import Annotator, Served, served_from_folder
-from model.heads import encoder_device
-from model.judge import Judge
-from model.rubric import Rubric, parse_label_config
-from model.serving import AdapterRef, ModelServer
+from slm_annotator.backend.routing import judge_config
 from slm_annotator.lru import SizedLRU
+from slm_annotator.model.annotator import Annotator, Served, served_from_folder
+from slm_annotator.model.heads import encoder_device
+from slm_annotator.model.judge import Judge
+from slm_annotator.model.rubric import Rubric, parse_label_config
+from slm_annotator.model.serving import AdapterRef, ModelServer
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
-from worker.policy import Trigger, prefill_bar_for
-from worker.redis_conn import connect
+from slm_annotator.worker.policy import Trigger, prefill_bar_for
+from slm_annotator.worker.redis_conn import connect
 
 CONFIG_CACHE_SECONDS = 5.0
 SERVED_CACHE = 256  # versions whose plans a process keeps read

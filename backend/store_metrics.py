@@ -23,10 +23,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import select
 
-from model.annotations_io import from_labels
-from model.raters import MIN_LABELS, RATER_BOOT, annotator_report
-from model.rubric import RubricError
 from slm_annotator.costs import Prices, cost_table
+from slm_annotator.model.annotations_io import from_labels
+from slm_annotator.model.raters import MIN_LABELS, RATER_BOOT, annotator_report
+from slm_annotator.model.rubric import RubricError
 from slm_annotator.project_report import pseudonymous
 from slm_annotator.schema import Annotation, Project
 from slm_annotator.store import Store

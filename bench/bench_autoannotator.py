@@ -22,23 +22,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from backend.routing import RoutingPolicy, route_predictions
-from model.agreement import dimension_report
-from model.dataset import Example
-from model.evaluate import scale_value
-from model.experiment import load_devset, split_devset, summary
-from model.judge import Judge, JudgeConfig
-from model.loader import load_base
-from model.members import member_paths
-from model.results import values_from_result
-from model.rubric import Rubric, parse_label_config
-from model.serving import AdapterRef, ModelServer
-from model.svg_charts import PALETTE, Series, line_chart
-from model.training import TrainConfig
+from slm_annotator.backend.routing import RoutingPolicy, route_predictions
 from slm_annotator.costs import Prices, cost_table
+from slm_annotator.model.agreement import dimension_report
+from slm_annotator.model.dataset import Example
+from slm_annotator.model.evaluate import scale_value
+from slm_annotator.model.experiment import load_devset, split_devset, summary
+from slm_annotator.model.judge import Judge, JudgeConfig
+from slm_annotator.model.loader import load_base
+from slm_annotator.model.members import member_paths
+from slm_annotator.model.results import values_from_result
+from slm_annotator.model.rubric import Rubric, parse_label_config
+from slm_annotator.model.serving import AdapterRef, ModelServer
+from slm_annotator.model.svg_charts import PALETTE, Series, line_chart
+from slm_annotator.model.training import TrainConfig
 from slm_annotator.store import Store
 from slm_annotator.testing import JudgeProcess
-from worker.pipeline import train_members
+from slm_annotator.worker.pipeline import train_members
 
 
 def train_to(path: Path, args: argparse.Namespace, rubric: Rubric, train: list[Example], members: int) -> float:
@@ -80,7 +80,7 @@ def agreement(rubric: Rubric, examples: list[Example], values: list[dict[str, st
 
 
 def consensus_values(rubric: Rubric, examples: list[Example]) -> list[dict[str, str]]:
-    from model.dataset import majority_values
+    from slm_annotator.model.dataset import majority_values
 
     return [majority_values(e, rubric) for e in examples]
 

@@ -27,9 +27,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from model.experiment import load_devset
-from model.results import result_item
-from model.rubric import parse_label_config
+from slm_annotator.model.experiment import load_devset
+from slm_annotator.model.results import result_item
+from slm_annotator.model.rubric import parse_label_config
 from slm_annotator.settings import Settings, load_settings
 from slm_annotator.store import LabelIn, Store
 from slm_annotator.testing import STUB_TOKEN as TOKEN
@@ -89,7 +89,7 @@ def wait_workers(redis_url: str, n: int, timeout: float = 300) -> None:
     from redis import Redis
     from rq import Queue, Worker
 
-    from worker.policy import BULK_QUEUE
+    from slm_annotator.worker.policy import BULK_QUEUE
 
     queue = Queue(BULK_QUEUE, connection=Redis.from_url(redis_url))
     until = time.monotonic() + timeout
@@ -115,7 +115,7 @@ def warm_up(s: Settings, redis_url: str, version: str, tasks: list[dict[str, Any
     """A bulk request of one chunk per worker (distinct ids): each worker loads the base before the timed run."""
     from redis import Redis
 
-    from worker.policy import enqueue_bulk
+    from slm_annotator.worker.policy import enqueue_bulk
 
     warm = [{"id": 10**9 + i, "data": tasks[i]["data"]} for i in range(workers * s.bulk_chunk)]
     store = Store(s.database_url)
@@ -146,9 +146,9 @@ def fresh(root: Path, redis_url: str, env: dict[str, str]) -> Settings:
 
 
 def one_run(scenario: str, workers: int, n: int, chunk: int, redis_url: str, timeout: float) -> dict[str, Any]:
-    from backend.services import build_services
-    from worker.head_run import run_head
-    from worker.policy import enqueue_bulk
+    from slm_annotator.backend.services import build_services
+    from slm_annotator.worker.head_run import run_head
+    from slm_annotator.worker.policy import enqueue_bulk
 
     with tempfile.TemporaryDirectory(prefix=f"bench-bulk-{scenario}-") as tmp:
         root = Path(tmp)
@@ -203,7 +203,7 @@ def main() -> int:
     ap.add_argument("--label", default="cpu-2core")
     ap.add_argument("--slm-chunk", type=int, default=16, help="BULK_CHUNK in the SLM scenario")
     args = ap.parse_args()
-    from worker.redis_conn import ensure_embedded, stop_embedded
+    from slm_annotator.worker.redis_conn import ensure_embedded, stop_embedded
 
     redis_dir = Path(tempfile.mkdtemp(prefix="bench-bulk-redis-"))
     redis_url = ensure_embedded(redis_dir)

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 
 from bench.bench_predict import machine_info, strip_headers, synthetic_dir
-from model.devdata import load_usr_personachat
-from model.loader import pick_device
-from model.results import DimensionScore, to_ls_result
-from model.rubric import parse_label_config
+from slm_annotator.model.devdata import load_usr_personachat
+from slm_annotator.model.loader import pick_device
+from slm_annotator.model.results import DimensionScore, to_ls_result
+from slm_annotator.model.rubric import parse_label_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,12 +101,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = args.base
     if args.synthetic_config:
         base = str(synthetic_dir(args.synthetic_config, args.tokenizer, 0, device, tmp))
-    from worker.redis_conn import ensure_embedded, stop_embedded
+    from slm_annotator.worker.redis_conn import ensure_embedded, stop_embedded
 
     redis_url = ensure_embedded(model_dir)
     env = environment(args, model_dir, base, redis_url)
     os.environ.update(env)
-    from backend.app import create_app
+    from slm_annotator.backend.app import create_app
     from slm_annotator.settings import load_settings
     from slm_annotator.store import Store
 

@@ -44,13 +44,13 @@ from typing import Any
 
 import torch
 
-from model.devdata import load_usr_personachat
-from model.loader import load_base
-from model.prompt import PromptBuilder
-from model.results import to_ls_result
-from model.rubric import Rubric, parse_label_config
-from model.scorer import Scorer, decode
-from model.serving import decode_mode
+from slm_annotator.model.devdata import load_usr_personachat
+from slm_annotator.model.loader import load_base
+from slm_annotator.model.prompt import PromptBuilder
+from slm_annotator.model.results import to_ls_result
+from slm_annotator.model.rubric import Rubric, parse_label_config
+from slm_annotator.model.scorer import Scorer, decode
+from slm_annotator.model.serving import decode_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,7 +254,7 @@ def free_text_ids(builder: PromptBuilder, data: dict[str, Any]) -> list[int]:
 
 
 def _object_text(obj: Any, data: dict[str, Any]) -> str:
-    from model.prompt import object_text
+    from slm_annotator.model.prompt import object_text
 
     return object_text(obj, data)
 
@@ -674,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.child_out).write_text(json.dumps(res, default=str))
         return 0
 
-    from model.loader import pick_device, resolve_base
+    from slm_annotator.model.loader import pick_device, resolve_base
 
     device = pick_device(args.device)
     model_dir = Path(os.environ.get("MODEL_DIR", ROOT / "model_dir"))

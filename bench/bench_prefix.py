@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-import model.prefix as prefix_rule
-from model.experiment import load_devset
-from model.loader import load_base
-from model.prefix import PrefixCache
-from model.prompt import Encoded, PromptBuilder
-from model.rubric import parse_label_config
-from model.scorer import Scorer
+import slm_annotator.model.prefix as prefix_rule
+from slm_annotator.model.experiment import load_devset
+from slm_annotator.model.loader import load_base
+from slm_annotator.model.prefix import PrefixCache
+from slm_annotator.model.prompt import Encoded, PromptBuilder
+from slm_annotator.model.rubric import parse_label_config
+from slm_annotator.model.scorer import Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_NAMES = {0: "texts first (default)", 1: "rubric first"}

@@ -35,11 +35,11 @@ from bench.harness import (
     ls_task,
     machine_info,
 )
-from model.agreement import dimension_report
-from model.devdata import fixed_split
-from model.experiment import examples_of, load_devset
-from model.heldout import scale_value
-from model.rubric import parse_label_config
+from slm_annotator.model.agreement import dimension_report
+from slm_annotator.model.devdata import fixed_split
+from slm_annotator.model.experiment import examples_of, load_devset
+from slm_annotator.model.heldout import scale_value
+from slm_annotator.model.rubric import parse_label_config
 from slm_annotator.testing import BackendProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def predict(backend: Any, items: list[Any]) -> list[dict[str, Any]]:
 
 def score(rubric: Any, examples: list[Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per dimension: alpha vs each human (answers read back from the LS result items), humans' pairwise."""
-    from model.results import values_from_result
+    from slm_annotator.model.results import values_from_result
 
     raters = sorted({r for e in examples for r in e.ratings})
     answers = [values_from_result(rubric, r["result"]) for r in results]

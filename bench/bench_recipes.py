@@ -54,15 +54,15 @@ from typing import Any
 
 import numpy as np
 
-from model.agreement import mean_pairwise_human_alpha, mean_pairwise_model_alpha, model_vs_consensus
-from model.dataset import Example, split_heldout
-from model.decoding import fit_decision
-from model.devdata import DevItem, group_rank, load_goemotions, load_lewidi
-from model.experiment import examples_of, load_devset, split_devset
-from model.heads import DEFAULT_ENCODER, SentenceEncoder, features, is_ordered, train_head
-from model.heldout import scale_value
-from model.plan import choose, label_counts
-from model.rubric import Rubric, parse_label_config
+from slm_annotator.model.agreement import mean_pairwise_human_alpha, mean_pairwise_model_alpha, model_vs_consensus
+from slm_annotator.model.dataset import Example, split_heldout
+from slm_annotator.model.decoding import fit_decision
+from slm_annotator.model.devdata import DevItem, group_rank, load_goemotions, load_lewidi
+from slm_annotator.model.experiment import examples_of, load_devset, split_devset
+from slm_annotator.model.heads import DEFAULT_ENCODER, SentenceEncoder, features, is_ordered, train_head
+from slm_annotator.model.heldout import scale_value
+from slm_annotator.model.plan import choose, label_counts
+from slm_annotator.model.rubric import Rubric, parse_label_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -295,7 +295,7 @@ def head_answers(head: Any, rubric: Rubric, x: np.ndarray) -> tuple[list[np.ndar
 def slm_distributions(base: Any, rubric: Rubric, examples: Sequence[Example], max_tokens: int,
                       batch_size: int, model: Any = None) -> list[np.ndarray]:
     """Per dimension an (n, n_values) array of the SLM's answer distributions."""
-    from model.experiment import distributions
+    from slm_annotator.model.experiment import distributions
 
     dists = distributions(model if model is not None else base.model, base.tokenizer, base.device, rubric,
                           examples, max_tokens, batch_size)
@@ -317,7 +317,7 @@ class Context:
 
     def load_base(self) -> Any:
         if self.base is None:
-            from model.loader import load_base
+            from slm_annotator.model.loader import load_base
 
             s = self.settings
             self.base = load_base(s.base_model, s.model_dir, s.quantization, s.device)
@@ -387,7 +387,7 @@ def run_one(ctx: Context, name: str, seed: int) -> dict[str, Any]:
 def adapter_and_default(ctx: Context, task: Task, x_train: np.ndarray, x_test: np.ndarray, timed: Callable,
                         extra: dict[str, Any], batch: int) -> dict[str, dict[str, Any]]:
     """The product's run: fit/val by split_heldout, adapter + head on fit, decisions and the plan from val."""
-    from model.training import train_adapter
+    from slm_annotator.model.training import train_adapter
 
     rubric, train, test, seed = task.rubric, task.train, task.test, task.seed
     base = ctx.load_base()
@@ -432,7 +432,7 @@ def product_train_config(settings: Any) -> Any:
     """The worker's TrainConfig for a project without overrides (worker.pipeline.train_config). Where the
     worker's own imports (SQLAlchemy, Redis, RQ) are not installed, e.g. on a bare GPU machine, the same fields
     are filled here; where both are importable they are checked equal."""
-    from model.training import TrainConfig
+    from slm_annotator.model.training import TrainConfig
 
     cfg = TrainConfig(
         epochs=settings.train_epochs, lr=settings.train_lr, batch_size=settings.train_batch_size,
@@ -444,7 +444,7 @@ def product_train_config(settings: Any) -> Any:
         token_dropout_share=settings.token_dropout_share, seed=settings.seed, max_tokens=settings.max_prompt_tokens,
     )
     try:
-        from worker.pipeline import train_config
+        from slm_annotator.worker.pipeline import train_config
     except ImportError:
         return cfg
     worker_cfg = train_config(settings, {})

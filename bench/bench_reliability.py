@@ -60,7 +60,7 @@ from bench.harness import (
     training_state,
     verify_acknowledged,
 )
-from model.devdata import DevItem
+from slm_annotator.model.devdata import DevItem
 from slm_annotator.store import Store
 from slm_annotator.testing import TOY_CONFIG, BackendProcess, RedisServer, free_port, toy_label
 from slm_annotator.testing import WorkerProcess as Worker
@@ -130,14 +130,14 @@ def request(port: int, method: str, path: str, body: Any = None, headers: dict[s
 
 def load_items() -> tuple[str, list[DevItem]]:
     """USR-PersonaChat (the shared dev data), or items with random ratings on its config where that is absent."""
-    from model.devdata import load_usr_personachat
+    from slm_annotator.model.devdata import load_usr_personachat
 
     try:
         dev = load_usr_personachat()
         return dev.label_config, dev.items
     except (OSError, ValueError) as exc:
         log.info("USR data unavailable (%s): synthetic items on the USR config", exc)
-    from model.devdata import usr_config
+    from slm_annotator.model.devdata import usr_config
 
     config = usr_config()  # the config the harness's payloads are written for (its control names and types)
     fixtures = ROOT / "tests" / "fixtures" / "label_configs"
@@ -313,7 +313,7 @@ def recover_now(b: Bench) -> None:
     from rq import Queue
     from rq.registry import StartedJobRegistry
 
-    from worker.policy import QUEUE_NAME
+    from slm_annotator.worker.policy import QUEUE_NAME
 
     conn = Redis.from_url(b.redis.url)
     StartedJobRegistry(queue=Queue(QUEUE_NAME, connection=conn)).cleanup(timestamp=time.time() + 300)
@@ -495,7 +495,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if Path(args.base_model).exists():
         args.base_model = str(Path(args.base_model).resolve())
     if not args.redis_server:
-        from worker.redis_conn import server_binary
+        from slm_annotator.worker.redis_conn import server_binary
 
         args.redis_server = server_binary()
     return args
@@ -516,7 +516,7 @@ def base_env(args: argparse.Namespace, redis_url: str, database_url: str) -> dic
 
 
 def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], Bench]:
-    from model.rubric import parse_label_config
+    from slm_annotator.model.rubric import parse_label_config
 
     model_dir = tmp / "model_dir"
     redis = RedisServer(tmp / "redis", free_port(), args.redis_server)

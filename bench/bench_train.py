@@ -36,12 +36,12 @@ from typing import Any
 import torch
 
 from bench.bench_predict import cuda_peak_mb, machine_info, reset_cuda_peak, synthetic_dir
-from model.dataset import Example
-from model.experiment import load_devset, split_devset
-from model.loader import load_base, pick_device, resolve_base
-from model.prompt import PromptBuilder
-from model.rubric import parse_label_config
-from model.training import TrainConfig, attach_lora, train_adapter
+from slm_annotator.model.dataset import Example
+from slm_annotator.model.experiment import load_devset, split_devset
+from slm_annotator.model.loader import load_base, pick_device, resolve_base
+from slm_annotator.model.prompt import PromptBuilder
+from slm_annotator.model.rubric import parse_label_config
+from slm_annotator.model.training import TrainConfig, attach_lora, train_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 

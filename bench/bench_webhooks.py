@@ -71,7 +71,7 @@ from bench.harness import (
     verify,
     wait_training,
 )
-from model.devdata import load_usr_personachat
+from slm_annotator.model.devdata import load_usr_personachat
 from slm_annotator.store import Store
 from slm_annotator.testing import BackendProcess
 
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         backend.start()
         port = backend.port
         log.info("backend up on %s in %.1f s (log %s)", backend.url, time.monotonic() - t0, backend.log_path)
-        from worker.redis_conn import embedded_url
+        from slm_annotator.worker.redis_conn import embedded_url
 
         redis_url = embedded_url(model_dir)
         store = Store(database_url, run_migrations=False)

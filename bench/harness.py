@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.devdata import DevItem
+from slm_annotator.model.devdata import DevItem
 from slm_annotator.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -438,7 +438,7 @@ def training_state(store: Store, redis_url: str, pid: str) -> dict[str, Any]:
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
 
-    from worker.policy import job_id
+    from slm_annotator.worker.policy import job_id
 
     runs = store.runs(pid)
     state: dict[str, Any] = {"run_status": runs[-1].status if runs else None, "runs": len(runs)}

@@ -18,7 +18,7 @@ export MODEL_DIR=${MODEL_DIR:-/tmp/model_dir} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFL
 mkdir -p "$OUT" "$PARTS" "$PARTS/logs"
 start=$(date +%s)
 # Convert the GGUF to the safetensors cache once, before the processes race for it.
-python3 -c "from slm_annotator.settings import load_settings as l; from model.loader import resolve_base as r; \
+python3 -c "from slm_annotator.settings import load_settings as l; from slm_annotator.model.loader import resolve_base as r; \
 s = l(); print(r(s.base_model, s.model_dir))" || exit 1
 for name in $SETS; do
   for seed in $SEEDS; do

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from model.agreement import alpha, bootstrap_ci, dimension_report, model_vs_consensus, model_vs_humans
-from model.annotations_io import DimSpec, Ratings
-from model.raters import annotator_report
+from slm_annotator.model.agreement import alpha, bootstrap_ci, dimension_report, model_vs_consensus, model_vs_humans
+from slm_annotator.model.annotations_io import DimSpec, Ratings
+from slm_annotator.model.raters import annotator_report
 
 MODEL_KEYS = ("model_alpha_as_rater", "model_vs_consensus", "model_vs_each_human_mean", "model_vs_each_human",
               "accuracy_vs_consensus", "confusion_vs_consensus", "mae_vs_consensus", "predicted_histogram",

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
-from model.agreement import LEVELS, Level
-from model.devdata import DevItem, DevSet
-from model.results import nearest, result_item, values_from_result
-from model.rubric import Rubric, RubricError, fmt_number, parse_label_config
 from slm_annotator.labelstudio.annotations import annotator_of
 from slm_annotator.labelstudio.files import LabelFileError, read_rows
+from slm_annotator.model.agreement import LEVELS, Level
+from slm_annotator.model.devdata import DevItem, DevSet
+from slm_annotator.model.results import nearest, result_item, values_from_result
+from slm_annotator.model.rubric import Rubric, RubricError, fmt_number, parse_label_config
 
 if TYPE_CHECKING:
     from slm_annotator.store import Store

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from model.ensemble import Vote
-from model.heads import Head, features, has_head, shared_encoder
-from model.plan import DimPlan, Plan
-from model.results import DimensionScore, to_ls_result
-from model.rubric import Rubric
-from model.serving import AdapterRef, ModelServer, TaskPrediction
+from slm_annotator.model.ensemble import Vote
+from slm_annotator.model.heads import Head, features, has_head, shared_encoder
+from slm_annotator.model.plan import DimPlan, Plan
+from slm_annotator.model.results import DimensionScore, to_ls_result
+from slm_annotator.model.rubric import Rubric
+from slm_annotator.model.serving import AdapterRef, ModelServer, TaskPrediction
 
 HEAD_DIR = "head"
 MAX_HEADS = 32

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from model.results import values_from_result
-from model.rubric import Rubric
+from slm_annotator.model.results import values_from_result
+from slm_annotator.model.rubric import Rubric
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from model.agreement import Level
+from slm_annotator.model.agreement import Level
 
 SHARED_DATA_ENV = "SLM_SHARED_DATA"
 

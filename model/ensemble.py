@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.results import DimensionScore
-from model.scorer import decode
+from slm_annotator.model.results import DimensionScore
+from slm_annotator.model.scorer import decode
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from model.dataset import Example
-from model.ensemble import vote
-from model.heldout import agreement, scale_value  # noqa: F401  (the gate's measure, re-exported)
-from model.prompt import PromptBuilder
-from model.rubric import Rubric
-from model.scorer import Scorer
+from slm_annotator.model.dataset import Example
+from slm_annotator.model.ensemble import vote
+from slm_annotator.model.heldout import agreement, scale_value  # noqa: F401  (the gate's measure, re-exported)
+from slm_annotator.model.prompt import PromptBuilder
+from slm_annotator.model.rubric import Rubric
+from slm_annotator.model.scorer import Scorer
 
 AS_IS = "<as-is>"  # score with whatever adapter the model has active
 

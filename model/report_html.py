@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from model.svg_charts import (
+from slm_annotator.model.svg_charts import (
     INK,
     MUTED,
     PALETTE,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from model.rubric import Dimension, Rubric
+from slm_annotator.model.rubric import Dimension, Rubric
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from model.prefix import (
+from slm_annotator.model.prefix import (
     PrefixCache,
     PrefixKV,
     expanded_cache,
@@ -24,8 +24,8 @@ from model.prefix import (
     saves_enough,
     shared_length,
 )
-from model.prompt import Encoded
-from model.results import DimensionScore
+from slm_annotator.model.prompt import Encoded
+from slm_annotator.model.results import DimensionScore
 
 
 def causal_lm_of(model: Any) -> Any:

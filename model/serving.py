@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.ensemble import Vote, task_uncertainty, vote
-from model.loader import LoadedBase, load_base
-from model.members import member_of, member_paths
-from model.prompt import Encoded, PromptBuilder, PromptFormatError, TaskDataError, check_prompt_format
-from model.results import to_ls_result
-from model.rubric import Rubric
-from model.scorer import Scorer, decode
+from slm_annotator.model.ensemble import Vote, task_uncertainty, vote
+from slm_annotator.model.loader import LoadedBase, load_base
+from slm_annotator.model.members import member_of, member_paths
+from slm_annotator.model.prompt import Encoded, PromptBuilder, PromptFormatError, TaskDataError, check_prompt_format
+from slm_annotator.model.results import to_ls_result
+from slm_annotator.model.rubric import Rubric
+from slm_annotator.model.scorer import Scorer, decode
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from model.dataset import Example, relabel, split_heldout
-from model.prompt import ADAPTER_META, PROMPT_FORMAT, Encoded, PromptBuilder
-from model.rubric import Rubric
-from model.scorer import answer_logits, pad_batch
+from slm_annotator.model.dataset import Example, relabel, split_heldout
+from slm_annotator.model.prompt import ADAPTER_META, PROMPT_FORMAT, Encoded, PromptBuilder
+from slm_annotator.model.rubric import Rubric
+from slm_annotator.model.scorer import answer_logits, pad_batch
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]

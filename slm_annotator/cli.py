@@ -29,7 +29,7 @@ def _logging(settings: Settings, *extra_secrets: str) -> None:
 def _prepare(settings: Settings) -> str:
     """Migrates the store and starts the embedded Redis before any worker process forks."""
     from slm_annotator.store import Store
-    from worker.redis_conn import ensure_embedded
+    from slm_annotator.worker.redis_conn import ensure_embedded
 
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     Store(settings.database_url)
@@ -43,7 +43,7 @@ STOP_GRACE_S = 60  # gunicorn's graceful_timeout (30) + WARM_STOP_S + COLD_STOP_
 
 def _serve_redis(settings: Settings) -> tuple[str, Any]:
     """REDIS_URL, or the embedded Redis as serve's supervised child (None: not serve's to stop)."""
-    from worker.redis_conn import EmbeddedRedis
+    from slm_annotator.worker.redis_conn import EmbeddedRedis
 
     if settings.redis_url:
         return settings.redis_url, None
@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
     from gunicorn.arbiter import Arbiter
 
-    from backend.auth import AuthConfigError, check_posture
+    from slm_annotator.backend.auth import AuthConfigError, check_posture
     from slm_annotator.procs import WorkerGroup
     from slm_annotator.store import Store
 
@@ -136,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             self.cfg.set("control_socket", str(settings.model_dir / "gunicorn.ctl"))  # not one per $HOME
 
         def load(self) -> Any:  # in each gunicorn worker process, after the fork: its threads start here
-            from backend.app import create_app, start_background
+            from slm_annotator.backend.app import create_app, start_background
 
             worker_settings = load_settings()  # REDIS_URL and PROMETHEUS_MULTIPROC_DIR as set above
             _logging(worker_settings)
@@ -178,7 +178,7 @@ def cmd_judge_serve(args: argparse.Namespace) -> int:
             self.cfg.set("control_socket", str(settings.model_dir / "judge-gunicorn.ctl"))
 
         def load(self) -> Any:
-            from backend.judge_app import create_judge_app, load_judge_model
+            from slm_annotator.backend.judge_app import create_judge_app, load_judge_model
 
             model, tokenizer, device, name = load_judge_model(settings.base_model, settings.model_dir,
                                                               settings.quantization, settings.device, args.adapter)
@@ -205,8 +205,8 @@ def build_worker(settings: Settings, name: str | None = None, queues: str = "all
     from redis.exceptions import RedisError
     from rq import Queue, Worker
 
-    from worker.policy import QUEUES
-    from worker.redis_conn import connect
+    from slm_annotator.worker.policy import QUEUES
+    from slm_annotator.worker.redis_conn import connect
 
     class BlipProofWorker(Worker):  # type: ignore[misc]
         """Rides out a Redis blip while a job runs: a missed heartbeat is no reason to end hours of training."""
@@ -260,7 +260,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         import sentence_transformers  # noqa: F401
         import sklearn.linear_model  # noqa: F401
 
-        import worker.head_run
+        import slm_annotator.worker.head_run  # noqa: F401
     from redis.exceptions import RedisError
 
     log = logging.getLogger("slm_annotator.worker")
@@ -282,8 +282,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from worker.importer import import_file
-    from worker.jobs import train_project
+    from slm_annotator.worker.importer import import_file
+    from slm_annotator.worker.jobs import train_project
 
     settings = load_settings()
     _logging(settings)
@@ -302,7 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from slm_annotator.store import Store
-    from worker.sync import SyncError, sync_project
+    from slm_annotator.worker.sync import SyncError, sync_project
 
     settings = load_settings()
     _logging(settings)
@@ -318,9 +318,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Pre-annotates a whole project with its served version: queues a bulk job (or runs it here) and shows its
     progress until it ends."""
-    from backend.services import build_services
-    from worker.bulk import run_bulk
-    from worker.sync import SyncError
+    from slm_annotator.backend.services import build_services
+    from slm_annotator.worker.bulk import run_bulk
+    from slm_annotator.worker.sync import SyncError
 
     settings = load_settings()
     _logging(settings)
@@ -342,8 +342,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     svc.close()
     from rq.job import Job, JobStatus
 
-    from worker.policy import enqueue_bulk
-    from worker.redis_conn import connect
+    from slm_annotator.worker.policy import enqueue_bulk
+    from slm_annotator.worker.redis_conn import connect
 
     conn = connect(redis_url, settings.model_dir)
     state, jid = enqueue_bulk(conn, settings, args.project, version, mode)
@@ -414,7 +414,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     """Trains and evaluates one or more recipes on a dev set; one JSON + Markdown file per recipe."""
-    from model.experiment import markdown, recipe_from, run_experiment
+    from slm_annotator.model.experiment import markdown, recipe_from, run_experiment
 
     settings = load_settings()
     _logging(settings)

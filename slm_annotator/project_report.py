@@ -7,10 +7,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from model.agreement_report import build_report
-from model.annotations_io import Ratings, from_store, iso_stamp
-from model.rubric import RubricError
 from slm_annotator.costs import Prices, cost_table
+from slm_annotator.model.agreement_report import build_report
+from slm_annotator.model.annotations_io import Ratings, from_store, iso_stamp
+from slm_annotator.model.rubric import RubricError
 from slm_annotator.schema import AdapterVersion, BulkRun, TrainingRun
 from slm_annotator.store import Store
 

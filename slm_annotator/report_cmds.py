@@ -28,13 +28,13 @@ def _names(raw: str | None) -> tuple[str, ...]:
 
 
 def _row_options(args: argparse.Namespace) -> Any:
-    from model.annotations_io import RowOptions
+    from slm_annotator.model.annotations_io import RowOptions
 
     return RowOptions(_names(args.dimensions), args.dimension, _names(args.model_rater))
 
 
 def _file_ratings(args: argparse.Namespace) -> Any:
-    from model.annotations_io import read_ratings
+    from slm_annotator.model.annotations_io import read_ratings
 
     config = Path(args.label_config).read_text(encoding="utf-8") if args.label_config else None
     return read_ratings(Path(args.data), config, _row_options(args))
@@ -43,10 +43,10 @@ def _file_ratings(args: argparse.Namespace) -> Any:
 def predict_now(settings: Settings, store: Any, project_id: str, ratings: Any) -> str:
     """Predictions of the project's served adapter (or the base model) for its labelled tasks, stored like
     /predict stores them, so the live report shows them too. Loads the model."""
-    from model.annotations_io import result_values
-    from model.dataset import flat_keys
-    from model.rubric import parse_label_config
-    from model.serving import AdapterRef, ModelServer
+    from slm_annotator.model.annotations_io import result_values
+    from slm_annotator.model.dataset import flat_keys
+    from slm_annotator.model.rubric import parse_label_config
+    from slm_annotator.model.serving import AdapterRef, ModelServer
 
     project = store.project(project_id)
     rubric = parse_label_config(project.label_config, project.extra_params)
@@ -70,7 +70,7 @@ def predict_now(settings: Settings, store: Any, project_id: str, ratings: Any) -
 
 
 def _project_ratings(args: argparse.Namespace, settings: Settings) -> tuple[Any, str | None]:
-    from model.annotations_io import from_store
+    from slm_annotator.model.annotations_io import from_store
     from slm_annotator.project_report import pick_model
     from slm_annotator.store import Store
 
@@ -90,9 +90,9 @@ def _project_ratings(args: argparse.Namespace, settings: Settings) -> tuple[Any,
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Agreement of humans with each other and of the model with the humans, per dimension."""
-    from model.agreement_report import annotator_table, build_report, text_table
-    from model.annotations_io import InputError, apply_levels, parse_levels
-    from model.report_html import render_evaluate
+    from slm_annotator.model.agreement_report import annotator_table, build_report, text_table
+    from slm_annotator.model.annotations_io import InputError, apply_levels, parse_levels
+    from slm_annotator.model.report_html import render_evaluate
 
     settings = load_settings()
     setup_logging(settings)
@@ -117,10 +117,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_learning_curve(args: argparse.Namespace) -> int:
     """Trains on growing nested subsets, evaluates each on one fixed held-out set."""
-    from model.annotations_io import InputError, read_ratings, to_devset
-    from model.experiment import load_devset, recipe_from
-    from model.learning_curve import CurveRunner, run_learning_curve
-    from model.report_html import render_learning_curve
+    from slm_annotator.model.annotations_io import InputError, read_ratings, to_devset
+    from slm_annotator.model.experiment import load_devset, recipe_from
+    from slm_annotator.model.learning_curve import CurveRunner, run_learning_curve
+    from slm_annotator.model.report_html import render_learning_curve
 
     settings = load_settings()
     setup_logging(settings)

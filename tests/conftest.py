@@ -63,7 +63,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir: Path):
-    from model.loader import load_tokenizer
+    from slm_annotator.model.loader import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 
@@ -80,7 +80,7 @@ def settings(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPat
 
 @pytest.fixture(scope="session")
 def embedded_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from worker.redis_conn import ensure_embedded, stop_embedded
+    from slm_annotator.worker.redis_conn import ensure_embedded, stop_embedded
 
     folder = tmp_path_factory.mktemp("redis")
     url = ensure_embedded(folder)

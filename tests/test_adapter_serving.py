@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from backend.app import create_app
+from slm_annotator.backend.app import create_app
 from slm_annotator.store import Store
+from slm_annotator.worker.pipeline import run_training
 from tests.toy import CONFIG, fill
-from worker.pipeline import run_training
 
 pytestmark = pytest.mark.slow  # trains three adapters
 
@@ -44,7 +44,7 @@ def test_an_adapter_trained_on_another_prompt_format_is_refused_not_misread(sett
     the reason (reading it with today's prompts would pre-annotate from text it never learnt)."""
     import json
 
-    from model.prompt import ADAPTER_META, PROMPT_FORMAT
+    from slm_annotator.model.prompt import ADAPTER_META, PROMPT_FORMAT
 
     settings = replace(settings, train_epochs=1, heldout_fraction=0.25, token_dropout_share=0.0, lora_r=4)
     store = Store(settings.database_url)

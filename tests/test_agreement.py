@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from model.agreement import (
+from slm_annotator.model.agreement import (
     ALL_EQUAL,
     NOT_ENOUGH_PAIRS,
     AlphaResult,

@@ -11,11 +11,11 @@ import krippendorff
 import numpy as np
 import pytest
 
-from model.agreement import ALL_EQUAL, NOT_ENOUGH_PAIRS, alpha
-from model.agreement_report import build_report, text_table
-from model.annotations_io import RowOptions, apply_levels, parse_levels, read_ratings
-from model.report_html import render_evaluate
 from slm_annotator.cli import main
+from slm_annotator.model.agreement import ALL_EQUAL, NOT_ENOUGH_PAIRS, alpha
+from slm_annotator.model.agreement_report import build_report, text_table
+from slm_annotator.model.annotations_io import RowOptions, apply_levels, parse_levels, read_ratings
+from slm_annotator.model.report_html import render_evaluate
 
 REPORTS = Path(__file__).parent / "fixtures" / "reports"
 RUBRIC = (REPORTS / "rubric.xml").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model.annotations_io import (
+from slm_annotator.model.annotations_io import (
     InputError,
     RowOptions,
     apply_levels,
@@ -16,7 +16,7 @@ from model.annotations_io import (
     read_ratings,
     to_devset,
 )
-from model.experiment import examples_of
+from slm_annotator.model.experiment import examples_of
 
 REPORTS = Path(__file__).parent / "fixtures" / "reports"
 RUBRIC = (REPORTS / "rubric.xml").read_text()

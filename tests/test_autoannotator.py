@@ -10,16 +10,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from backend.app import create_app
-from backend.routing import RoutingPolicy, route_predictions, routing_policy
-from model.ensemble import task_uncertainty, vote
-from model.prompt import PromptBuilder
-from model.rubric import parse_label_config
-from model.serving import ModelServer, TaskPrediction
+from slm_annotator.backend.app import create_app
+from slm_annotator.backend.routing import RoutingPolicy, route_predictions, routing_policy
 from slm_annotator.costs import Prices, cost_table
+from slm_annotator.model.ensemble import task_uncertainty, vote
+from slm_annotator.model.prompt import PromptBuilder
+from slm_annotator.model.rubric import parse_label_config
+from slm_annotator.model.serving import ModelServer, TaskPrediction
 from slm_annotator.store import Store
+from slm_annotator.worker.pipeline import continual_set, load_examples, run_training
 from tests.toy import CONFIG, fill, toy_label
-from worker.pipeline import continual_set, load_examples, run_training
 
 TWO_TEXTS = """<View><Text name="context" value="$context"/><Text name="reply" value="$reply"/>
 <Choices name="emotion" toName="reply"><Choice value="joy"/><Choice value="anger"/><Choice value="fear"/></Choices>
@@ -180,7 +180,7 @@ def test_continual_set_is_the_pool_plus_replay_and_never_a_heldout_task(continua
     store = Store(continual_settings.database_url)
     fill(store, "3", n_tasks=40)
     rubric, examples = load_examples(store, "3")
-    from model.dataset import split_heldout
+    from slm_annotator.model.dataset import split_heldout
 
     train, heldout = split_heldout(examples, 0.25, salt="project-3")
     held_id = int(heldout[0].task_key)
@@ -199,9 +199,9 @@ def test_continual_set_is_the_pool_plus_replay_and_never_a_heldout_task(continua
 @pytest.mark.parametrize("members", [1, 2])
 def test_a_full_pool_fine_tunes_the_served_adapter_and_reports_forgetting(continual_settings, monkeypatch,
                                                                           members: int) -> None:
-    from worker import pipeline
-    from worker.jobs import train_project
-    from worker.policy import due
+    from slm_annotator.worker import pipeline
+    from slm_annotator.worker.jobs import train_project
+    from slm_annotator.worker.policy import due
 
     settings = replace(continual_settings, ensemble=members)
     store = Store(settings.database_url)
@@ -270,7 +270,7 @@ def judge_url(tiny_model_dir, tmp_path_factory):
 
 
 def _judge(url: str, key: str = JUDGE_KEY, timeout: float = 30.0):
-    from model.judge import Judge, JudgeConfig
+    from slm_annotator.model.judge import Judge, JudgeConfig
 
     return Judge(JudgeConfig(url, JUDGE_NAME, key, timeout=timeout, retries=0))
 
@@ -279,7 +279,7 @@ def _judge(url: str, key: str = JUDGE_KEY, timeout: float = 30.0):
 def test_the_judge_decides_uncertain_items_and_its_answers_fill_the_pool(settings, judge_url) -> None:
     import openai
 
-    from model.judge import answer_schema, judge_messages
+    from slm_annotator.model.judge import answer_schema, judge_messages
 
     store = Store(settings.database_url)
     rubric = parse_label_config(CONFIG)

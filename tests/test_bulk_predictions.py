@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from backend.app import create_app
+from slm_annotator.backend.app import create_app
 from slm_annotator.store import Store
 from slm_annotator.testing import STUB_TOKEN as TOKEN
 from slm_annotator.testing import StubLabelStudio
@@ -108,7 +108,7 @@ def _clear_bulk_queue(redis_url: str) -> Any:
     from redis import Redis
     from rq import Queue
 
-    from worker.policy import BULK_QUEUE
+    from slm_annotator.worker.policy import BULK_QUEUE
 
     conn = Redis.from_url(redis_url)
     Queue(BULK_QUEUE, connection=conn).empty()
@@ -156,8 +156,8 @@ def test_predict_past_its_budget_answers_a_prefix_and_a_worker_writes_the_rest(
 @pytest.mark.slow  # a bulk job over a whole project, run twice
 def test_bulk_job_reports_bad_tasks_survives_a_crash_and_writes_each_task_once(
         settings, embedded_redis_url, stub_ls, monkeypatch) -> None:
-    from backend.services import build_services
-    from worker.bulk import run_bulk
+    from slm_annotator.backend.services import build_services
+    from slm_annotator.worker.bulk import run_bulk
 
     tasks = [*_tasks(30), {"id": 99, "data": {"other": "no text field"}}]
     ls = stub_ls("41", tasks)
@@ -214,12 +214,12 @@ def test_a_promoted_head_refreshes_every_unlabelled_task_most_uncertain_first(
         settings, embedded_redis_url, stub_ls) -> None:
     from rq.job import Job
 
-    from backend.services import build_services
+    from slm_annotator.backend.services import build_services
+    from slm_annotator.worker.bulk import run_bulk
+    from slm_annotator.worker.head_run import run_head
+    from slm_annotator.worker.policy import BULK_QUEUE
     from tests.toy import CONFIG as TOY
     from tests.toy import fill
-    from worker.bulk import run_bulk
-    from worker.head_run import run_head
-    from worker.policy import BULK_QUEUE
 
     s = replace(settings, redis_url=embedded_redis_url, head_every=10, prefill_min_alpha=0.2)
     store = Store(s.database_url)
@@ -283,7 +283,7 @@ def test_two_workers_share_one_job_and_a_killed_one_loses_nothing(
     from rq.job import Job
 
     from slm_annotator.testing import wait_for
-    from worker.policy import BULK_QUEUE, enqueue_bulk
+    from slm_annotator.worker.policy import BULK_QUEUE, enqueue_bulk
 
     tasks = _tasks(120)
     ls = stub_ls("41", tasks)
@@ -340,9 +340,9 @@ def test_label_studio_down_makes_the_run_wait_visibly_and_nothing_is_written_twi
         settings, embedded_redis_url, stub_ls) -> None:
     """503s for a while: the run shows "waiting" (store, /health) and carries on when Label Studio is back; a write
     that landed before its error is not written again. Down for longer than the patience: "failed" on /health."""
-    from backend.services import build_services
-    from worker.bulk import run_bulk
-    from worker.sync import SyncError
+    from slm_annotator.backend.services import build_services
+    from slm_annotator.worker.bulk import run_bulk
+    from slm_annotator.worker.sync import SyncError
 
     tasks = _tasks(12)
     ls = stub_ls("41", tasks)
@@ -376,8 +376,8 @@ def test_label_studio_down_makes_the_run_wait_visibly_and_nothing_is_written_twi
 
 
 def test_bulk_progress_is_in_metrics_and_the_report(settings, embedded_redis_url, stub_ls) -> None:
-    from backend.services import build_services
-    from worker.bulk import run_bulk
+    from slm_annotator.backend.services import build_services
+    from slm_annotator.worker.bulk import run_bulk
 
     tasks = [*_tasks(9), {"id": 99, "data": {"other": "no text"}}]
     ls = stub_ls("41", tasks)
@@ -403,8 +403,8 @@ def test_a_run_stops_when_a_newer_version_is_served_mid_run(settings, embedded_r
     writing predictions of a version nobody serves any more; the run says superseded."""
     from types import SimpleNamespace
 
-    from backend.services import build_services
-    from worker.bulk import run_bulk
+    from slm_annotator.backend.services import build_services
+    from slm_annotator.worker.bulk import run_bulk
 
     tasks = _tasks(12)
     ls = stub_ls("41", tasks)

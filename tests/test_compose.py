@@ -456,13 +456,25 @@ def test_dockerfile_installs_offline_weights_like_the_makefile() -> None:
 
 def test_dockerfile_copies_every_package() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    packages = {Path(folder).parts[0] for folder in pyproject["tool"]["setuptools"]["package-dir"].values()}
     copied = {Path(rest.split()[0]).name for rest in _args("COPY")} | {
         part for rest in _args("COPY") for part in rest.split()[:-1]
     }
     needed = packages | {"pyproject.toml", pyproject["project"]["readme"]}
     assert needed <= copied, f"not copied into the image: {needed - copied}"
     assert not {".venv", ".", "model_dir"} & copied, "copy the package, not the work tree"
+
+
+def test_the_wheel_lists_every_package_folder() -> None:
+    """The packages are listed by name (backend/ is installed as slm_annotator.backend): a new subfolder with an
+    __init__.py must join the list, or the wheel would silently leave it out."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for package, folder in setuptools["package-dir"].items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            found.add(".".join([package, *init.parent.relative_to(REPO / folder).parts]))
+    found |= {"slm_annotator.migrations", "slm_annotator.migrations.versions"}  # their files: package-data
+    assert found == set(setuptools["packages"])
 
 
 def test_dockerfile_runs_as_non_root() -> None:

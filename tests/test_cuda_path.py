@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.dataset import Example
-from model.loader import load_base, pick_device
-from model.prompt import PromptBuilder
-from model.rubric import parse_label_config
-from model.scorer import Scorer
-from model.training import TrainConfig, train_adapter
+from slm_annotator.model.dataset import Example
+from slm_annotator.model.loader import load_base, pick_device
+from slm_annotator.model.prompt import PromptBuilder
+from slm_annotator.model.rubric import parse_label_config
+from slm_annotator.model.scorer import Scorer
+from slm_annotator.model.training import TrainConfig, train_adapter
 from tests.conftest import build_tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

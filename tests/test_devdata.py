@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from model import devdata
-from model.agreement import alpha
-from model.devdata import (
+from slm_annotator.model import devdata
+from slm_annotator.model.agreement import alpha
+from slm_annotator.model.devdata import (
     DevItem,
     fixed_split,
     load_goemotions,
@@ -73,7 +73,7 @@ def test_usr_counts_and_config() -> None:
     assert isinstance(first["Natural"], str) and isinstance(first["Overall"], int)
     assert set(ds.items[0].data) == {"context", "fact", "response"}
     # The config is one the project's rubric parser reads into the same dimensions and scales.
-    from model.rubric import parse_label_config
+    from slm_annotator.model.rubric import parse_label_config
 
     rubric = parse_label_config(ds.label_config)
     assert {d.key: d.values for d in rubric.dimensions} == ds.domains
@@ -145,8 +145,8 @@ def test_summeval_consistency_per_expert() -> None:
     assert sum(1 for i in ds.items if all(v["consistency"] == 5 for v in i.ratings.values())) == 54
     _, matrix = ds.matrix("consistency")
     assert alpha(matrix, "ordinal", ds.value_domain("consistency")).value == pytest.approx(0.90, abs=0.01)
-    from model.experiment import load_devset, split_devset
-    from model.rubric import parse_label_config
+    from slm_annotator.model.experiment import load_devset, split_devset
+    from slm_annotator.model.rubric import parse_label_config
 
     rubric = parse_label_config(ds.label_config)
     (dim,) = rubric.dimensions

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from backend.app import create_app
-from model.members import member_paths
-from model.rubric import parse_label_config
-from model.serving import AdapterRef, ModelServer
+from slm_annotator.backend.app import create_app
+from slm_annotator.model.members import member_paths
+from slm_annotator.model.rubric import parse_label_config
+from slm_annotator.model.serving import AdapterRef, ModelServer
 from slm_annotator.store import Store
+from slm_annotator.worker.pipeline import run_training
 from tests.toy import CONFIG, fill
-from worker.pipeline import run_training
 
 pytestmark = pytest.mark.slow  # trains several members
 
@@ -90,7 +90,7 @@ def test_asking_for_more_members_than_the_served_adapter_has_queues_their_traini
     from rq import Queue
     from rq.job import Job
 
-    from worker.policy import QUEUE_NAME, job_id
+    from slm_annotator.worker.policy import QUEUE_NAME, job_id
 
     settings = replace(toy_settings, redis_url=embedded_redis_url)
     conn = Redis.from_url(embedded_redis_url)

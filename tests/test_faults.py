@@ -16,15 +16,15 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from backend.app import create_app, start_flusher
+from slm_annotator.backend.app import create_app, start_flusher
 from slm_annotator.schema import utcnow
 from slm_annotator.store import Store
 from slm_annotator.testing import CLI, RedisServer, WorkerProcess, redis_up
 from slm_annotator.testing import descendants as _descendants
 from slm_annotator.testing import wait_for as _wait
+from slm_annotator.worker.pipeline import run_training
+from slm_annotator.worker.policy import QUEUE_NAME, enqueue_training, job_id
 from tests.toy import CONFIG, fill, toy_label, worker_env
-from worker.pipeline import run_training
-from worker.policy import QUEUE_NAME, enqueue_training, job_id
 
 pytestmark = pytest.mark.slow  # real RQ workers, a redis-server stopped and started, training runs
 

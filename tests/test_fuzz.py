@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from backend.app import create_app
-from model.rubric import parse_label_config
+from slm_annotator.backend.app import create_app
+from slm_annotator.model.rubric import parse_label_config
 from slm_annotator.settings import load_settings
 
 pytestmark = pytest.mark.slow  # hypothesis drives every endpoint with hundreds of generated requests
@@ -415,7 +415,7 @@ def test_hostile_task_texts_get_valid_predictions(app, name: str) -> None:
 
 
 def test_a_one_megabyte_text_is_cut_to_the_prompt_budget(app, tokenizer) -> None:
-    from model.prompt import PromptBuilder
+    from slm_annotator.model.prompt import PromptBuilder
 
     builder = PromptBuilder(tokenizer, RUBRIC, 256)
     for text in (HOSTILE_TEXTS["one megabyte"], HOSTILE_TEXTS["only emoji"], HOSTILE_TEXTS["combining marks"]):

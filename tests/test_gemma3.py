@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from model import loader
-from model.loader import resolve_base
-from model.rubric import parse_label_config
 from slm_annotator.bases import GEMMA3, SMOLLM2, offline_base, short_name
+from slm_annotator.model import loader
+from slm_annotator.model.loader import resolve_base
+from slm_annotator.model.rubric import parse_label_config
 from tests.conftest import REPO
 
 # a rating, a yes/no choice, labels no tokenizer has as one token (letter codes) and a multi-choice (yes/no each)
@@ -84,7 +84,7 @@ needs_gemma = pytest.mark.skipif(importlib.util.find_spec(GEMMA3.package) is Non
 @pytest.fixture(scope="module")
 def gemma_server():
     """One NF4 load for the module, from the checkout's shared base cache (converted once, ~1 min)."""
-    from model.serving import ModelServer
+    from slm_annotator.model.serving import ModelServer
 
     model_dir = REPO / ".cache" / "model_dir"
     server = ModelServer("gemma3-270m", model_dir, "nf4", "cpu", batch_size=4, max_tokens=512, max_adapters=1,
@@ -96,7 +96,7 @@ def gemma_server():
 @pytest.mark.slow
 @needs_gemma
 def test_gemma_answers_are_single_tokens_in_the_plain_layout(gemma_server) -> None:
-    from model.prompt import PromptBuilder
+    from slm_annotator.model.prompt import PromptBuilder
 
     base = gemma_server.loaded
     assert base.name == "gemma3-270m"
@@ -143,8 +143,8 @@ def test_gemma_answer_logits_match_the_models_own_head(gemma_server) -> None:
     (scaled embeddings, tied head, and a final-logit cap where the config sets one; Gemma3 270M's is null)."""
     import torch
 
-    from model.prompt import PromptBuilder
-    from model.scorer import answer_logits
+    from slm_annotator.model.prompt import PromptBuilder
+    from slm_annotator.model.scorer import answer_logits
 
     base = gemma_server.loaded
     builder = PromptBuilder(base.tokenizer, parse_label_config(RUBRIC))

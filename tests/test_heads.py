@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.app import create_app
-from model.annotator import Annotator, Served
-from model.dataset import Example
-from model.decoding import Decision, fit_cuts, fit_decision, fit_offsets, ordered_score
-from model.heads import SentenceEncoder, features, train_head
-from model.plan import DimPlan, Plan, choose
-from model.rubric import parse_label_config
-from model.serving import ModelServer
+from slm_annotator.backend.app import create_app
+from slm_annotator.model.annotator import Annotator, Served
+from slm_annotator.model.dataset import Example
+from slm_annotator.model.decoding import Decision, fit_cuts, fit_decision, fit_offsets, ordered_score
+from slm_annotator.model.heads import SentenceEncoder, features, train_head
+from slm_annotator.model.plan import DimPlan, Plan, choose
+from slm_annotator.model.rubric import parse_label_config
+from slm_annotator.model.serving import ModelServer
 from tests.toy import BAD, GOOD, worker_env
 
 TWO_DIMS = """<View><Text name="text" value="$text"/>
@@ -152,8 +152,8 @@ def test_labels_by_webhook_get_a_head_served_then_the_adapter_run_chooses_per_di
     from redis import Redis
     from rq import Queue
 
-    from worker.pipeline import run_training
-    from worker.policy import HEAD_QUEUE, head_job_id
+    from slm_annotator.worker.pipeline import run_training
+    from slm_annotator.worker.policy import HEAD_QUEUE, head_job_id
 
     settings = replace(settings, redis_url=embedded_redis_url, head_every=10, prefill_min_alpha=0.2,
                        train_threshold=10_000, train_epochs=2, train_lr=1e-2, heldout_fraction=0.25,
@@ -211,16 +211,16 @@ def test_labels_by_webhook_get_a_head_served_then_the_adapter_run_chooses_per_di
 def test_a_burst_that_arrives_during_a_head_round_gets_the_next_round(settings, monkeypatch) -> None:
     """Webhooks during a running head job find it running; its next round learns what they brought, even if no
     further label ever comes to trigger one."""
-    import worker.head_run
     from slm_annotator.store import Store
+    from slm_annotator.worker import head_run
+    from slm_annotator.worker.jobs import train_head
     from tests.toy import fill, toy_label
-    from worker.jobs import train_head
 
     settings = replace(settings, head_every=10)
     monkeypatch.setenv("HEAD_EVERY", "10")
     store = Store(settings.database_url)
     fill(store, "21", n_tasks=10)  # 20 labels
-    real = worker.head_run.run_head
+    real = head_run.run_head
     calls = []
 
     def run_and_label_meanwhile(*args, **kwargs):
@@ -232,7 +232,7 @@ def test_a_burst_that_arrives_during_a_head_round_gets_the_next_round(settings, 
         calls.append(outcome.metrics["head"]["labels"])
         return outcome
 
-    monkeypatch.setattr(worker.head_run, "run_head", run_and_label_meanwhile)
+    monkeypatch.setattr(head_run, "run_head", run_and_label_meanwhile)
     result = train_head("21")
     assert calls == [20, 32] and result["status"] == "promoted"
     assert [a.metrics["head"]["labels"] for a in store.adapters("21")] == [20, 32]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.app import create_app
-from model.rubric import RubricError, parse_label_config
+from slm_annotator.backend.app import create_app
+from slm_annotator.model.rubric import RubricError, parse_label_config
 
 CONFIGS = Path(__file__).parent / "fixtures" / "label_configs"
 NOTHING = {"nothing_to_predict", "pairwise_classification", "response_moderation_taxonomy"}

@@ -11,7 +11,7 @@ import pytest
 
 from slm_annotator.labelstudio.annotations import AnnotationError, label_from_annotation
 from slm_annotator.store import Store
-from worker.importer import import_file
+from slm_annotator.worker.importer import import_file
 
 CONFIG = """<View><Text name="text" value="$text"/>
 <Choices name="sentiment" toName="text"><Choice value="pos"/><Choice value="neg"/></Choices></View>"""
@@ -47,8 +47,8 @@ def test_a_bad_annotation_is_a_named_value_error(annotation: dict, named: str) -
 
 
 def test_the_webhook_answers_400_naming_the_field() -> None:
-    from backend.errors import ApiError
-    from backend.payloads import label_from
+    from slm_annotator.backend.errors import ApiError
+    from slm_annotator.backend.payloads import label_from
 
     with pytest.raises(ApiError) as caught:
         label_from({"id": 7, "task": 2**64}, None, "webhook", {})
@@ -89,7 +89,7 @@ def _csv(tmp_path: Path, bom: bool) -> Path:
 
 @pytest.mark.parametrize("bom", [True, False])
 def test_evaluate_reads_a_bom_csv_and_keeps_newlines_in_quoted_fields(tmp_path: Path, bom: bool) -> None:
-    from model.annotations_io import read_ratings
+    from slm_annotator.model.annotations_io import read_ratings
 
     ratings = read_ratings(_csv(tmp_path, bom), CONFIG)
     assert ratings.raters == ["ann", "bob"]  # not "\ufeffitem" as the item column, nor a row per line

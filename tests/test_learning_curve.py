@@ -8,12 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from model.annotations_io import read_ratings, to_devset
-from model.dataset import Example
-from model.experiment import recipe_from
-from model.learning_curve import CurveRunner, majority_distributions, nested_subset, plan_sizes, run_learning_curve
-from model.rubric import parse_label_config
 from slm_annotator.cli import main
+from slm_annotator.model.annotations_io import read_ratings, to_devset
+from slm_annotator.model.dataset import Example
+from slm_annotator.model.experiment import recipe_from
+from slm_annotator.model.learning_curve import (
+    CurveRunner,
+    majority_distributions,
+    nested_subset,
+    plan_sizes,
+    run_learning_curve,
+)
+from slm_annotator.model.rubric import parse_label_config
 from tests.toy import CONFIG, toy_label
 
 FAST = {"epochs": 1, "lr": 1e-2, "lora_r": 4, "token_dropout_share": 0.0, "max_tokens": 128, "batch_size": 4}

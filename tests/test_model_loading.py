@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.app import create_app
-from backend.services import build_services
-from model.loader import LoadedBase, load_base
-from model.serving import AdapterSet, ModelServer
+from slm_annotator.backend.app import create_app
+from slm_annotator.backend.services import build_services
+from slm_annotator.model.loader import LoadedBase, load_base
+from slm_annotator.model.serving import AdapterSet, ModelServer
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store

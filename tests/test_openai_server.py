@@ -14,7 +14,7 @@ import pytest
 import requests
 import torch
 
-from model.enum_decoding import continuation_logprobs, decode_enum_json, generate_text
+from slm_annotator.model.enum_decoding import continuation_logprobs, decode_enum_json, generate_text
 from tests.judge_server import running_judge
 
 pytestmark = pytest.mark.slow  # judge-serve as a real process
@@ -56,7 +56,7 @@ def client(base_url: str) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def local(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The same model in this process, loaded the way the server loads it."""
-    from model.loader import load_base
+    from slm_annotator.model.loader import load_base
 
     return load_base(str(tiny_model_dir), tmp_path_factory.mktemp("local"), "none", "cpu")
 
@@ -231,9 +231,9 @@ def test_models_lists_the_served_name_and_other_names_are_refused(client: openai
 def test_an_adapter_is_served_on_top_of_the_base(local: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from backend.judge_app import load_judge_model
-    from backend.openai_api import Judge
-    from model.loader import load_model
+    from slm_annotator.backend.judge_app import load_judge_model
+    from slm_annotator.backend.openai_api import Judge
+    from slm_annotator.model.loader import load_model
 
     torch.manual_seed(0)
     fresh = load_model(str(tiny_model_dir), "none", torch.device("cpu"))  # the shared `local` model stays untouched

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.loader import load_base
-from model.prefix import PrefixCache, model_state, reuse_supported
-from model.prompt import Encoded, PromptBuilder
-from model.rubric import parse_label_config
-from model.scorer import Scorer, causal_lm_of
+from slm_annotator.model.loader import load_base
+from slm_annotator.model.prefix import PrefixCache, model_state, reuse_supported
+from slm_annotator.model.prompt import Encoded, PromptBuilder
+from slm_annotator.model.rubric import parse_label_config
+from slm_annotator.model.scorer import Scorer, causal_lm_of
 
 RUBRIC = parse_label_config(
     """<View>

@@ -141,7 +141,7 @@ def test_a_killed_embedded_redis_is_restarted_and_training_queues_again(settings
         from redis import Redis
         from rq import Queue
 
-        from worker.policy import QUEUE_NAME
+        from slm_annotator.worker.policy import QUEUE_NAME
 
         queued = Queue(QUEUE_NAME, connection=Redis.from_url(f"unix://{serve.redis_socket()}")).job_ids
         assert "train-20" in queued, queued  # the append-only file kept the queue

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from backend.app import create_app
+from slm_annotator.backend.app import create_app
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
+from slm_annotator.worker.pipeline import run_training
 from tests.toy import CONFIG, fill, worker_env
-from worker.pipeline import run_training
 
 pytestmark = pytest.mark.slow  # worker processes killed inside the promotion, training runs
 
@@ -34,7 +34,7 @@ from sqlalchemy import update
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.settings import load_settings
 from slm_annotator.store import Store
-from worker import pipeline
+from slm_annotator.worker import pipeline
 
 mode, project = sys.argv[1], sys.argv[2]
 if mode == "write":  # half the adapter's files are on disk in the temp dir
@@ -125,7 +125,7 @@ def test_a_crash_during_promotion_leaves_the_previous_adapter_served(trained, mo
 
 
 def test_a_new_run_clears_dead_runs_temp_folders_and_only_those(trained) -> None:
-    from worker.pipeline import _remove_dead_tmp, _tmp_dir
+    from slm_annotator.worker.pipeline import _remove_dead_tmp, _tmp_dir
 
     settings, store = trained
     dead = store.start_run("41", "killed", "test")

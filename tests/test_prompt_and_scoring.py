@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.loader import load_base
-from model.prompt import PromptBuilder, TaskDataError, answer_space
-from model.results import to_ls_result, values_from_result
-from model.rubric import parse_label_config
-from model.scorer import Scorer, decode
+from slm_annotator.model.loader import load_base
+from slm_annotator.model.prompt import PromptBuilder, TaskDataError, answer_space
+from slm_annotator.model.results import to_ls_result, values_from_result
+from slm_annotator.model.rubric import parse_label_config
+from slm_annotator.model.scorer import Scorer, decode
 
 RUBRIC = parse_label_config(
     """<View>

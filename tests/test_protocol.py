@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from backend.app import create_app
-from model.rubric import parse_label_config
+from slm_annotator.backend.app import create_app
+from slm_annotator.model.rubric import parse_label_config
 
 CONFIG = """<View>
   <Text name="text" value="$text"/>

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from model.agreement import alpha
-from model.agreement_report import annotator_table, build_report
-from model.annotations_io import DimSpec, Ratings, from_ls_tasks, read_ratings
-from model.raters import MIN_LABELS, annotator_report, pair_alpha
-from model.report_html import render_evaluate
 from slm_annotator.cli import main
+from slm_annotator.model.agreement import alpha
+from slm_annotator.model.agreement_report import annotator_table, build_report
+from slm_annotator.model.annotations_io import DimSpec, Ratings, from_ls_tasks, read_ratings
+from slm_annotator.model.raters import MIN_LABELS, annotator_report, pair_alpha
+from slm_annotator.model.report_html import render_evaluate
 
 CONFIG = ('<View><Text name="text" value="$text"/><Choices name="sentiment" toName="text">'
           '<Choice value="pos"/><Choice value="neg"/><Choice value="neutral"/></Choices></View>')
@@ -84,7 +84,7 @@ def test_a_random_annotator_is_flagged_and_the_real_ones_are_not() -> None:
 
 
 def _usr() -> Ratings:
-    from model.devdata import load_usr_personachat
+    from slm_annotator.model.devdata import load_usr_personachat
 
     try:
         ds = load_usr_personachat()
@@ -230,9 +230,9 @@ def test_reads_ground_truth_from_a_label_studio_export_file(tmp_path: Path) -> N
 def test_golden_answers_from_the_webhook_path_reach_the_live_report(settings) -> None:
     """ground_truth on an annotation is stored (migration 0005), a toggle alone updates it, and the project's
     report scores the annotators against it."""
-    from model.annotations_io import from_store, result_values
-    from model.rubric import parse_label_config
     from slm_annotator.labelstudio.annotations import label_from_annotation
+    from slm_annotator.model.annotations_io import from_store, result_values
+    from slm_annotator.model.rubric import parse_label_config
     from slm_annotator.project_report import build_project_report
     from slm_annotator.store import Store
 

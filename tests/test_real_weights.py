@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from backend.app import create_app
-from model.rubric import parse_label_config
+from slm_annotator.backend.app import create_app
+from slm_annotator.model.rubric import parse_label_config
 from slm_annotator.store import LabelIn, Store
+from slm_annotator.worker.pipeline import run_training
 from tests.conftest import FIXTURES, REPO
-from worker.pipeline import run_training
 
 pytestmark = pytest.mark.slow
 SENTIMENT = """<View><Text name="text" value="$text"/>

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
-from backend.app import create_app
-from model.agreement_report import build_report
-from model.annotations_io import read_ratings
-from model.report_html import render_evaluate
-from model.svg_charts import PALETTE
+from slm_annotator.backend.app import create_app
+from slm_annotator.model.agreement_report import build_report
+from slm_annotator.model.annotations_io import read_ratings
+from slm_annotator.model.report_html import render_evaluate
+from slm_annotator.model.svg_charts import PALETTE
 from slm_annotator.store import Store
 from tests.pngread import read_png
 from tests.test_report_live import _adapter, _predict

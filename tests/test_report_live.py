@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import pytest
 
-from backend.app import create_app
-from model.agreement import model_vs_consensus
-from model.dataset import examples_from_labels
-from model.evaluate import agreement
-from model.rubric import parse_label_config
+from slm_annotator.backend.app import create_app
+from slm_annotator.model.agreement import model_vs_consensus
+from slm_annotator.model.dataset import examples_from_labels
+from slm_annotator.model.evaluate import agreement
+from slm_annotator.model.rubric import parse_label_config
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.store import LabelIn, Store
 from tests.toy import CONFIG, fill

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import worker.pipeline as pipeline
+import slm_annotator.worker.pipeline as pipeline
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.store import ServedChanged, Store
+from slm_annotator.worker.pipeline import run_training
 from tests.toy import fill
-from worker.pipeline import run_training
 
 pytestmark = pytest.mark.slow  # training runs
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.rubric import RubricError, parse_label_config
+from slm_annotator.model.rubric import RubricError, parse_label_config
 
 SENTIMENT = """<View>
   <Text name="text" value="$text"/>

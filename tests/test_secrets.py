@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import requests
 
-from backend.app import create_app
 from slm_annotator import redact
+from slm_annotator.backend.app import create_app
 from slm_annotator.settings import load_settings
 from slm_annotator.testing import BackendProcess, wait_for
 from tests.pg import PG_URL, fresh_schema
@@ -142,7 +142,7 @@ def test_no_secret_in_logs_or_metrics_in_process(settings, monkeypatch, caplog, 
     reply = client.get("/versions/51", headers=_auth())
     assert reply.status_code == 500 and reply.json["error"] == "internal error: RuntimeError"
 
-    from worker.jobs import train_project  # the worker's side: sync with Label Studio, then train
+    from slm_annotator.worker.jobs import train_project  # the worker's side: sync with Label Studio, then train
 
     assert train_project("51")["status"] in {"skipped", "promoted", "refused"}
     assert _LabelStudioStub.seen and all(h == f"Token {API_KEY}" for h in _LabelStudioStub.seen)
@@ -200,7 +200,7 @@ def test_no_secret_in_the_logs_of_a_real_server_and_worker(tmp_path: Path, tiny_
 
 def test_label_studio_calls_are_bounded_by_outbound_timeout(settings, monkeypatch, label_studio) -> None:
     from slm_annotator.store import Store
-    from worker.sync import SyncError, sync_project
+    from slm_annotator.worker.sync import SyncError, sync_project
 
     _LabelStudioStub.hang.set()  # accepts the connection, never answers
     monkeypatch.setenv("LABEL_STUDIO_URL", label_studio)

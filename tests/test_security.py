@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from backend.app import create_app
-from backend.auth import AuthConfigError
+from slm_annotator.backend.app import create_app
+from slm_annotator.backend.auth import AuthConfigError
 
 CONFIG = """<View>
   <Text name="text" value="$text"/>
@@ -135,7 +135,7 @@ def ls_setup(client, project: str = "7.1700000000", **extra_fields) -> None:
 
 
 def test_setup_cannot_re_point_a_project_nor_wipe_its_extra_params(open_client) -> None:
-    from worker.sync import client_for
+    from slm_annotator.worker.sync import client_for
 
     app, client = open_client
     svc = app.extensions["slm"]
@@ -158,7 +158,7 @@ def test_setup_refuses_a_hostname_that_is_not_a_base_url(open_client, hostname) 
 
 
 def test_label_studio_url_pins_every_project(settings, embedded_redis_url) -> None:
-    from worker.sync import client_for
+    from slm_annotator.worker.sync import client_for
 
     app = create_app(replace(settings, redis_url=embedded_redis_url, label_studio_url="http://label-studio:8080"))
     client = app.test_client()
@@ -206,8 +206,8 @@ def test_setup_rejects_bad_extra_params_naming_the_key(open_client, extra, key) 
 
 
 def test_setup_coerces_numbers_sent_as_text_and_the_training_uses_them(open_client, settings) -> None:
-    from worker.pipeline import train_config
-    from worker.policy import members_for, threshold_for
+    from slm_annotator.worker.pipeline import train_config
+    from slm_annotator.worker.policy import members_for, threshold_for
 
     app, client = open_client
     extra = {"ensemble": "2", "train_threshold": "40", "training": {"epochs": "4", "lr": "0.001", "augment": "false"}}
@@ -220,9 +220,9 @@ def test_setup_coerces_numbers_sent_as_text_and_the_training_uses_them(open_clie
 
 
 def test_rows_stored_before_validation_are_read_within_bounds(settings) -> None:
-    from backend.routing import routing_policy
-    from worker.pipeline import train_config
-    from worker.policy import threshold_for
+    from slm_annotator.backend.routing import routing_policy
+    from slm_annotator.worker.pipeline import train_config
+    from slm_annotator.worker.policy import threshold_for
 
     legacy = {"ensemble": 8, "train_threshold": 1, "route_epsilon": -1, "training": {"epochs": 1000000, "lr": 1e9,
                                                                                        "batch_size": 1, "bogus": 1}}
@@ -243,8 +243,8 @@ def test_predict_cannot_override_cost_settings_per_request(open_client, override
 
 
 def test_judge_prompts_are_cut_like_model_prompts() -> None:
-    from model.judge import judge_messages
-    from model.rubric import parse_label_config
+    from slm_annotator.model.judge import judge_messages
+    from slm_annotator.model.rubric import parse_label_config
 
     rubric = parse_label_config("""<View><Text name="a" value="$a"/><Text name="b" value="$b"/>
       <Choices name="c" toName="a"><Choice value="x"/><Choice value="y"/></Choices></View>""")
@@ -258,7 +258,7 @@ HTML = '<p>Hello&nbsp;<b>world</b> &amp; a<b</p><script>alert(1)</script><!-- no
 
 
 def test_hypertext_is_the_text_an_annotator_reads() -> None:
-    from model.prompt import _strip_html
+    from slm_annotator.model.prompt import _strip_html
 
     assert " ".join(_strip_html(HTML).split()) == "Hello world & a<b 3 < 4 > 2"
     assert _strip_html("plain &lt;text&gt;") == "plain <text>"
@@ -274,7 +274,7 @@ def test_pathological_hypertext_of_a_megabyte_is_read_in_linear_time(name) -> No
 
     from tests.conftest import REPO
 
-    code = ("import sys; from model.prompt import _strip_html; "
+    code = ("import sys; from slm_annotator.model.prompt import _strip_html; "
             "cases = {'lt': '<' * 1_000_000, 'lt_a': '<a' * 500_000, 'comments': '<!--' * 250_000, "
             "'end_tags': '</' * 500_000, 'quotes': \"<a b='>\" * 150_000 + 'tail'}; "
             f"out = _strip_html(cases[{name!r}]); print(len(out), out[-4:])")
@@ -413,7 +413,7 @@ def test_report_names_annotators_only_to_authenticated_callers(secured, open_cli
 
 
 def test_judge_serve_bounds_enum_values() -> None:
-    from backend.openai_api import OpenAIError, parse_response_format
+    from slm_annotator.backend.openai_api import OpenAIError, parse_response_format
 
     def schema(props: dict) -> dict:
         return {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": props}}}
@@ -434,7 +434,7 @@ def test_config_and_rubric_caches_stay_bounded(settings) -> None:
     import gc
     import tracemalloc
 
-    from backend.services import Services, cached_rubric
+    from slm_annotator.backend.services import Services, cached_rubric
 
     svc = Services(settings, store=None, model=None, trigger=None)  # type: ignore[arg-type]
     pad = "<!-- " + "x" * 40_000 + " -->"
@@ -488,18 +488,18 @@ def test_a_bulk_delete_lets_webhooks_write_meanwhile(settings) -> None:
 def test_report_computations_are_capped_and_webhooks_still_answer(open_client, monkeypatch) -> None:
     import threading
 
-    import backend.report
+    from slm_annotator.backend import report
 
     _, client = open_client
     assert client.post("/setup", json={"project": "76", "schema": CONFIG}).status_code == 200
-    real, entered, release = backend.report.build_project_report, threading.Event(), threading.Event()
+    real, entered, release = report.build_project_report, threading.Event(), threading.Event()
 
     def slow(*args, **kwargs):
         entered.set()
         release.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backend.report, "build_project_report", slow)
+    monkeypatch.setattr(report, "build_project_report", slow)
     first: list = []
     holder = threading.Thread(target=lambda: first.append(client.get("/report/76.json?n_boot=1000")))
     holder.start()
@@ -576,7 +576,7 @@ def test_a_slow_drip_label_studio_cannot_hold_a_sync_past_its_deadline(settings,
     import time
 
     from slm_annotator.store import Store
-    from worker.sync import SyncError, sync_project
+    from slm_annotator.worker.sync import SyncError, sync_project
 
     _MisbehavingLabelStudio.mode = "drip"
     s = replace(settings, label_studio_url=label_studio_stub, label_studio_api_key="k", outbound_timeout=2.0,
@@ -589,7 +589,7 @@ def test_a_slow_drip_label_studio_cannot_hold_a_sync_past_its_deadline(settings,
 
 def test_a_failed_sync_is_a_recorded_run_and_health_says_degraded(settings, embedded_redis_url,
                                                                   label_studio_stub) -> None:
-    from worker.sync import SyncError, sync_project
+    from slm_annotator.worker.sync import SyncError, sync_project
 
     s = replace(settings, redis_url=embedded_redis_url, label_studio_url=label_studio_stub, label_studio_api_key="k")
     app = create_app(s)
@@ -613,8 +613,8 @@ def test_the_judge_has_a_total_deadline() -> None:
     import socket
     import time
 
-    from model.judge import Judge, JudgeConfig
-    from model.rubric import parse_label_config
+    from slm_annotator.model.judge import Judge, JudgeConfig
+    from slm_annotator.model.rubric import parse_label_config
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

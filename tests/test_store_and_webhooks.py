@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from backend.app import create_app
+from slm_annotator.backend.app import create_app
 from slm_annotator.store import LabelIn, Store
 from tests.pg import PG_URL, fresh_schema, scoped
 
@@ -85,7 +85,7 @@ def event(action: str, ann_id: int, value: str, stamp: str, task: int = 5) -> di
 def test_webhook_stores_labels_and_queues_training_once(client) -> None:
     from rq import Queue
 
-    from worker.policy import QUEUE_NAME, job_id
+    from slm_annotator.worker.policy import QUEUE_NAME, job_id
 
     http, svc = client
     conn = svc.trigger._connection()
@@ -130,7 +130,7 @@ def test_bad_webhooks_get_4xx_and_store_nothing(client, body: dict, message: str
 def test_redis_down_keeps_the_label_and_queues_later(settings, embedded_redis_url) -> None:
     from rq import Queue
 
-    from worker.policy import QUEUE_NAME, job_id
+    from slm_annotator.worker.policy import QUEUE_NAME, job_id
 
     dead = replace(settings, redis_url="redis://127.0.0.1:1/0", train_threshold=1)
     app = create_app(dead)
@@ -168,7 +168,7 @@ def test_the_serving_flusher_resends_within_seconds_and_stops_with_its_services(
     """start_background (serve's gunicorn workers) runs the flusher that re-queues deferred training requests."""
     import threading
 
-    from backend.app import start_flusher
+    from slm_annotator.backend.app import start_flusher
 
     svc = create_app(replace(settings, redis_url="redis://127.0.0.1:1/0")).extensions["slm"]
     flushed = threading.Event()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.app import create_app
+from slm_annotator.backend.app import create_app
 from slm_annotator.store import Store
+from slm_annotator.worker.pipeline import run_training
 from tests.toy import CONFIG, fill, worker_env
-from worker.pipeline import run_training
 
 pytestmark = pytest.mark.slow  # training runs and RQ worker processes
 
@@ -63,7 +63,7 @@ def test_threshold_queues_one_job_that_a_real_worker_runs(train_settings, embedd
     from redis import Redis
     from rq import Queue
 
-    from worker.policy import QUEUE_NAME, job_id
+    from slm_annotator.worker.policy import QUEUE_NAME, job_id
 
     settings = replace(train_settings, redis_url=embedded_redis_url, train_threshold=40)
     conn = Redis.from_url(embedded_redis_url)
@@ -92,7 +92,7 @@ def test_threshold_queues_one_job_that_a_real_worker_runs(train_settings, embedd
     assert store.pending_changes("5") == 0
     # The same request delivered again after its run finished (a flusher read the flag just before the run
     # cleared it): the worker skips it instead of training a second adapter on nothing new.
-    from worker.policy import enqueue_training
+    from slm_annotator.worker.policy import enqueue_training
 
     assert enqueue_training(conn, settings, "5", "recovered") == "queued"
     again = subprocess.run([sys.executable, "-m", "slm_annotator.cli", "worker", "--burst"], env=env,

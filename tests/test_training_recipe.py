@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from model.dataset import Example, relabel
-from model.loader import load_model
-from model.prompt import PromptBuilder
-from model.rubric import parse_label_config
-from model.training import (
+from slm_annotator.model.dataset import Example, relabel
+from slm_annotator.model.loader import load_model
+from slm_annotator.model.prompt import PromptBuilder
+from slm_annotator.model.rubric import parse_label_config
+from slm_annotator.model.training import (
     TrainConfig,
     _accumulate,
     _encode,

@@ -9,9 +9,9 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from backend.app import create_app
+from slm_annotator.backend.app import create_app
+from slm_annotator.worker.policy import QUEUE_NAME, enqueue_training, job_id
 from tests.toy import CONFIG
-from worker.policy import QUEUE_NAME, enqueue_training, job_id
 
 
 def _event(ann_id: int) -> dict:
@@ -44,7 +44,7 @@ def test_an_unexpected_queue_error_keeps_the_label_and_the_request(settings, emb
     def broken(*_args, **_kwargs):
         raise ValueError("RQ is in a state nobody expected")
 
-    monkeypatch.setattr("worker.policy.enqueue_training", broken)
+    monkeypatch.setattr("slm_annotator.worker.policy.enqueue_training", broken)
     reply = app.test_client().post("/webhook", json=_event(1))
     assert reply.status_code == 200 and reply.json["status"] == "stored", reply.json
     assert reply.json["training"] == "deferred: queue error"

@@ -27,15 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from backend.predicting import Scored, predict_cached, task_id_of
-from backend.routing import RoutingPolicy, routing_policy
-from backend.services import Services, build_services, cached_rubric
-from model.annotator import Served
-from model.rubric import Rubric, parse_extra_params
+from slm_annotator.backend.predicting import Scored, predict_cached, task_id_of
+from slm_annotator.backend.routing import RoutingPolicy, routing_policy
+from slm_annotator.backend.services import Services, build_services, cached_rubric
+from slm_annotator.model.annotator import Served
+from slm_annotator.model.rubric import Rubric, parse_extra_params
 from slm_annotator.settings import Settings, load_settings
 from slm_annotator.store import Store
-from worker.chunks import Counts, LocalChunks, RedisChunks
-from worker.sync import LabelStudioClient, SyncError, client_for
+from slm_annotator.worker.chunks import Counts, LocalChunks, RedisChunks
+from slm_annotator.worker.sync import LabelStudioClient, SyncError, client_for
 
 log = logging.getLogger(__name__)
 MODES = ("missing", "all", "unlabelled", "request")
@@ -157,7 +157,7 @@ def bulk_predict(project_id: str, model_version: str, mode: str = "missing", tas
     result. Other workers on the bulk queue are asked to help (bulk_help)."""
     from rq import get_current_job
 
-    from worker.jobs import die_with_worker
+    from slm_annotator.worker.jobs import die_with_worker
 
     die_with_worker()
     settings = load_settings()
@@ -189,7 +189,7 @@ def bulk_help(run_id: str, project_id: str, model_version: str, mode: str = "mis
     it takes a dead one's chunk over)."""
     from rq import get_current_job
 
-    from worker.jobs import die_with_worker
+    from slm_annotator.worker.jobs import die_with_worker
 
     die_with_worker()
     settings = load_settings()
@@ -218,7 +218,7 @@ def ask_helpers(job: Any, settings: Settings, run_id: str, project_id: str, n_ch
     """One helper job per other worker listening on the bulk queue (at most one per chunk beyond the first)."""
     from rq import Queue, Retry, Worker
 
-    from worker.policy import BULK_QUEUE, enqueue_once
+    from slm_annotator.worker.policy import BULK_QUEUE, enqueue_once
 
     try:
         workers = Worker.all(queue=Queue(BULK_QUEUE, connection=job.connection))
@@ -227,8 +227,8 @@ def ask_helpers(job: Any, settings: Settings, run_id: str, project_id: str, n_ch
         return 0
     n = max(0, min(len(workers) - 1, n_chunks - 1, MAX_HELPERS))
     for i in range(n):
-        enqueue_once(job.connection, BULK_QUEUE, "worker.bulk.bulk_help", run_id, project_id, job.args[1], mode,
-                     job_id=f"{job.id}-help-{i}", job_timeout=settings.bulk_job_timeout, result_ttl=3600,
+        enqueue_once(job.connection, BULK_QUEUE, "slm_annotator.worker.bulk.bulk_help", run_id, project_id, job.args[1],
+                     mode, job_id=f"{job.id}-help-{i}", job_timeout=settings.bulk_job_timeout, result_ttl=3600,
                      failure_ttl=86400, retry=Retry(max=3, interval=[10, 30, 60]),
                      description=f"help with bulk run {run_id}")
     return n
@@ -486,7 +486,7 @@ def refresh_after_promotion(settings: Settings, store: Store, project_id: str) -
     except SyncError:
         return "skipped: no Label Studio API credentials"
     try:
-        from worker.redis_conn import connect
+        from slm_annotator.worker.redis_conn import connect
 
         served = store.served_adapter(project_id)
         if served is None:
@@ -497,7 +497,7 @@ def refresh_after_promotion(settings: Settings, store: Store, project_id: str) -
         if job is None and not settings.redis_url:
             return "skipped: no Redis"
         conn = job.connection if job is not None else connect(settings.redis_url, settings.model_dir)
-        from worker.policy import enqueue_bulk
+        from slm_annotator.worker.policy import enqueue_bulk
 
         state, jid = enqueue_bulk(conn, settings, project_id, served.model_version, "unlabelled", order="uncertain")
         log.info("project %s: refresh with %s %s (%s)", project_id, served.model_version, state, jid)

@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from model.annotator import HEAD_DIR, served_from_folder
-from model.heads import MIN_TASKS, features, shared_encoder, train_head
-from model.plan import Plan, head_plan, plan_score
+from slm_annotator.model.annotator import HEAD_DIR, served_from_folder
+from slm_annotator.model.heads import MIN_TASKS, features, shared_encoder, train_head
+from slm_annotator.model.plan import Plan, head_plan, plan_score
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
-from worker.pipeline import RunOutcome, load_examples, project_dir, record_adapter
-from worker.policy import prefill_bar_for
+from slm_annotator.worker.pipeline import RunOutcome, load_examples, project_dir, record_adapter
+from slm_annotator.worker.policy import prefill_bar_for
 
 
 def run_head(settings: Settings, store: Store, project_id: str, run_id: int) -> RunOutcome:
@@ -67,7 +67,7 @@ def run_head(settings: Settings, store: Store, project_id: str, run_id: int) -> 
         status="served" if promote else "refused", base_model=settings.base_model, metrics=metrics,
         training_run_id=run_id), promote, served)  # seconds old: a version served meanwhile is not re-compared
     if promote:  # issue 15: re-predict the unlabelled tasks in Label Studio with the new version
-        from worker.bulk import refresh_after_promotion
+        from slm_annotator.worker.bulk import refresh_after_promotion
 
         refresh_after_promotion(settings, store, project_id)
     detail = f"head on {len(examples)} tasks: cross-validated alpha {_fmt(new)} vs current {_fmt(old)}"

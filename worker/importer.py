@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model.results import result_item, values_from_result
-from model.rubric import Dimension, Rubric, RubricError, parse_label_config
 from slm_annotator.labelstudio.annotations import AnnotationError, in_int64, label_from_annotation
 from slm_annotator.labelstudio.files import read_rows
+from slm_annotator.model.results import result_item, values_from_result
+from slm_annotator.model.rubric import Dimension, Rubric, RubricError, parse_label_config
 from slm_annotator.store import LabelIn, Store
 
 

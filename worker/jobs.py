@@ -13,12 +13,12 @@ from typing import Any
 from redis.exceptions import RedisError
 from rq import get_current_job
 
-from model.rubric import RubricError
+from slm_annotator.model.rubric import RubricError
 from slm_annotator.settings import Settings, load_settings
 from slm_annotator.store import Store
-from worker.pipeline import run_training
-from worker.policy import due, head_every_for, pool_due
-from worker.sync import SyncError, sync_project
+from slm_annotator.worker.pipeline import run_training
+from slm_annotator.worker.policy import due, head_every_for, pool_due
+from slm_annotator.worker.sync import SyncError, sync_project
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -127,7 +127,9 @@ def train_head(project_id: str) -> dict[str, Any]:
 
 
 def _head_round(settings: Settings, store: Store, project_id: str, job_id: str) -> dict[str, Any]:
-    from worker.head_run import run_head  # the heads worker imports it up front; the training worker never
+    from slm_annotator.worker.head_run import (
+        run_head,  # the heads worker imports it up front; the training worker never
+    )
 
     run = store.start_run(project_id, job_id, "head")
     try:

@@ -20,20 +20,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from model.annotator import HEAD_DIR, served_from_folder
-from model.dataset import Example, examples_from_labels, split_heldout
-from model.evaluate import AS_IS, agreement, member_probs
-from model.heads import DEFAULT_ENCODER, Head, features, shared_encoder, train_head
-from model.loader import load_base
-from model.members import member_dir, member_of, member_paths
-from model.plan import DimPlan, Plan, choose
-from model.rubric import RubricError, parse_label_config
-from model.training import TrainConfig, TrainStats, config_dict, save_adapter, train_adapter
 from slm_annotator import project_settings
+from slm_annotator.model.annotator import HEAD_DIR, served_from_folder
+from slm_annotator.model.dataset import Example, examples_from_labels, split_heldout
+from slm_annotator.model.evaluate import AS_IS, agreement, member_probs
+from slm_annotator.model.heads import DEFAULT_ENCODER, Head, features, shared_encoder, train_head
+from slm_annotator.model.loader import load_base
+from slm_annotator.model.members import member_dir, member_of, member_paths
+from slm_annotator.model.plan import DimPlan, Plan, choose
+from slm_annotator.model.rubric import RubricError, parse_label_config
+from slm_annotator.model.training import TrainConfig, TrainStats, config_dict, save_adapter, train_adapter
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.settings import Settings
 from slm_annotator.store import ServedChanged, Store
-from worker.policy import members_for, prefill_bar_for
+from slm_annotator.worker.policy import members_for, prefill_bar_for
 
 log = logging.getLogger(__name__)
 MIN_TASKS = 4
@@ -159,7 +159,7 @@ def run_training(
         training_run_id=run_id,
     ), promote, served, regate)
     if promote:  # issue 15: re-predict the unlabelled tasks in Label Studio with the new version
-        from worker.bulk import refresh_after_promotion
+        from slm_annotator.worker.bulk import refresh_after_promotion
 
         refresh_after_promotion(settings, store, project_id)
     store.mark_pool_used(project_id, [p.id for p in pool], run_id)

@@ -110,15 +110,16 @@ def enqueue_training(conn: Redis, settings: Settings, project_id: str, trigger: 
     """Queues the project's training job once; a job already queued or running absorbs the trigger."""
     delays = list(settings.train_retry_delays) or 0
     retry = Retry(max=settings.train_retries, interval=delays) if settings.train_retries else None
-    return enqueue_once(conn, QUEUE_NAME, "worker.jobs.train_project", project_id, trigger, job_id=job_id(project_id),
-                        job_timeout=settings.train_job_timeout, result_ttl=86400, failure_ttl=7 * 86400, retry=retry,
+    return enqueue_once(conn, QUEUE_NAME, "slm_annotator.worker.jobs.train_project", project_id, trigger,
+                        job_id=job_id(project_id), job_timeout=settings.train_job_timeout, result_ttl=86400,
+                        failure_ttl=7 * 86400, retry=retry,
                         description=f"train adapter for project {project_id} ({trigger})")
 
 
 def enqueue_head(conn: Redis, settings: Settings, project_id: str) -> str:
     """Queues the project's head training once (seconds of CPU); one already queued absorbs the request."""
-    return enqueue_once(conn, HEAD_QUEUE, "worker.jobs.train_head", project_id, job_id=head_job_id(project_id),
-                        job_timeout=600, result_ttl=3600, failure_ttl=86400,
+    return enqueue_once(conn, HEAD_QUEUE, "slm_annotator.worker.jobs.train_head", project_id,
+                        job_id=head_job_id(project_id), job_timeout=600, result_ttl=3600, failure_ttl=86400,
                         description=f"train embedding head for {project_id}")
 
 
@@ -130,13 +131,13 @@ def bulk_job_id(project_id: str, model_version: str, mode: str, task_ids: list[i
 
 def enqueue_bulk(conn: Redis, settings: Settings, project_id: str, model_version: str, mode: str,
                  tasks: list[dict[str, Any]] | None = None, order: str = "") -> tuple[str, str]:
-    """Queues a bulk prediction job (worker.bulk.bulk_predict) once; returns (state, job id). Retried after a
-    failure (Label Studio down): every retry first checks what an earlier attempt already wrote."""
+    """Queues a bulk prediction job (slm_annotator.worker.bulk.bulk_predict) once; returns (state, job id). Retried
+    after a failure (Label Studio down): every retry first checks what an earlier attempt already wrote."""
     ids = [t["id"] for t in tasks] if tasks is not None else None
     jid = bulk_job_id(project_id, model_version, mode, ids)
-    state = enqueue_once(conn, BULK_QUEUE, "worker.bulk.bulk_predict", project_id, model_version, mode, tasks, order,
-                         job_id=jid, job_timeout=settings.bulk_job_timeout, result_ttl=86400, failure_ttl=7 * 86400,
-                         retry=Retry(max=3, interval=[30, 120, 600]),
+    state = enqueue_once(conn, BULK_QUEUE, "slm_annotator.worker.bulk.bulk_predict", project_id, model_version, mode,
+                         tasks, order, job_id=jid, job_timeout=settings.bulk_job_timeout, result_ttl=86400,
+                         failure_ttl=7 * 86400, retry=Retry(max=3, interval=[30, 120, 600]),
                          description=f"predict {mode} tasks of project {project_id} with {model_version}")
     return state, jid
 

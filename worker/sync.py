@@ -11,10 +11,10 @@ from typing import Any
 
 import requests
 
-from model.results import values_from_result
-from model.rubric import RubricError, parse_label_config
 from slm_annotator.labelstudio.annotations import AnnotationError, label_from_annotation
 from slm_annotator.labelstudio.url import UrlError, base_url
+from slm_annotator.model.results import values_from_result
+from slm_annotator.model.rubric import RubricError, parse_label_config
 from slm_annotator.settings import Settings
 from slm_annotator.store import Store
 

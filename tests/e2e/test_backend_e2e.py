@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from model.rubric import Rubric, parse_label_config
+from slm_annotator.model.rubric import Rubric, parse_label_config
 from slm_annotator.testing import REPO, BackendProcess, is_redis, pid_alive
 
 pytestmark = pytest.mark.e2e
@@ -428,7 +428,7 @@ def test_a_whole_project_is_pre_annotated_and_refreshed_after_a_promotion(label_
     import signal
     import subprocess
 
-    from worker.policy import bulk_job_id
+    from slm_annotator.worker.policy import bulk_job_id
 
     ls = label_studio
     config, _ = load_fixture("text_classification")
