@@ -168,6 +168,15 @@ def _stop_group(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ processes
+def reap(proc: subprocess.Popen, timeout: float) -> None:
+    """Waits for a process told to stop; SIGKILL past `timeout`: nothing is left behind."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class RedisServer:
     """A redis-server of one's own on a TCP port (append-only), stopped with SHUTDOWN as an operator would, and
     startable again on the same port with its data: an outage that tests and benchmarks can cause."""
@@ -209,11 +218,7 @@ class RedisServer:
             return
         with contextlib.suppress(Exception):
             Redis.from_url(self.url, socket_connect_timeout=1).shutdown(nosave=False)  # AOF flushed
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        reap(self.proc, timeout)
         self.proc = None
 
     def __enter__(self) -> RedisServer:
@@ -469,11 +474,7 @@ class JudgeProcess:
         if self.proc is None:
             return
         self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        reap(self.proc, timeout)
         self.proc = None
 
     def __enter__(self) -> JudgeProcess:

@@ -11,20 +11,9 @@ import torch
 from slm_annotator.model.loader import load_base
 from slm_annotator.model.prefix import PrefixCache, model_state, reuse_supported
 from slm_annotator.model.prompt import Encoded, PromptBuilder
-from slm_annotator.model.rubric import parse_label_config
 from slm_annotator.model.scorer import Scorer, causal_lm_of
+from tests.toy import QA_RUBRIC as RUBRIC
 
-RUBRIC = parse_label_config(
-    """<View>
-      <Text name="question" value="$question"/>
-      <Text name="answer" value="$answer"/>
-      <Choices name="sentiment" toName="answer"><Choice value="Positive"/><Choice value="Negative"/></Choices>
-      <Rating name="relevance" toName="answer" maxRating="5"/>
-      <Choices name="topics" toName="answer" choice="multiple">
-        <Choice value="sports"/><Choice value="politics"/></Choices>
-      <Number name="stars" toName="answer" min="0" max="10"/>
-    </View>"""
-)
 WORDS = ("the", "match", "went", "on", "and", "the", "home", "side", "scored", "twice", "before", "half", "time",
          "while", "fans", "sang")
 

@@ -9,20 +9,9 @@ import torch
 from slm_annotator.model.loader import load_base
 from slm_annotator.model.prompt import PromptBuilder, TaskDataError, answer_space
 from slm_annotator.model.results import to_ls_result, values_from_result
-from slm_annotator.model.rubric import parse_label_config
 from slm_annotator.model.scorer import Scorer, decode
+from tests.toy import QA_RUBRIC as RUBRIC
 
-RUBRIC = parse_label_config(
-    """<View>
-      <Text name="question" value="$question"/>
-      <Text name="answer" value="$answer"/>
-      <Choices name="sentiment" toName="answer"><Choice value="Positive"/><Choice value="Negative"/></Choices>
-      <Rating name="relevance" toName="answer" maxRating="5"/>
-      <Choices name="topics" toName="answer" choice="multiple">
-        <Choice value="sports"/><Choice value="politics"/></Choices>
-      <Number name="stars" toName="answer" min="0" max="10"/>
-    </View>"""
-)
 TASK = {"id": 1, "data": {"question": "How was the game?", "answer": "Great match, we won 3-1!"}}
 
 
