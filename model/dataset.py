@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from slm_annotator.model.results import values_from_result
-from slm_annotator.model.rubric import Rubric
+from slm_annotator.model.rubric import Dimension, Rubric
 
 
 @dataclass
@@ -22,18 +22,30 @@ class Example:
     data: dict[str, Any]
     ratings: dict[str, dict[str, str]] = field(default_factory=dict)  # rater -> dimension key -> value
     hard: bool = False
+    # dimension key -> rater -> weight of that rater's vote (model.reliability); a missing weight counts 1
+    weights: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def counts(self, dim: Dimension) -> list[float]:
+        """The raters' votes per value of one dimension, each rater's vote weighted by its reliability.
+
+        The one place votes are counted: soft targets, the consensus, the head's targets and the label shares
+        that decisions are fitted to all read it, so a rater weighting reaches every learner the same way.
+        """
+        out = [0.0] * len(dim.values)
+        weights = self.weights.get(dim.key, {})
+        for rater, rating in self.ratings.items():
+            value = rating.get(dim.key)
+            if value in dim.values:
+                out[dim.values.index(value)] += weights.get(rater, 1.0)
+        return out
 
     def targets(self, rubric: Rubric) -> list[list[float] | None]:
-        """Per dimension, the raters' distribution over its values (None when nobody rated it)."""
+        """Per dimension, the raters' (weighted) distribution over its values (None when nobody rated it)."""
         out: list[list[float] | None] = []
         for dim in rubric.dimensions:
-            counts = [0.0] * len(dim.values)
-            for rating in self.ratings.values():
-                value = rating.get(dim.key)
-                if value in dim.values:
-                    counts[dim.values.index(value)] += 1
+            counts = self.counts(dim)
             total = sum(counts)
-            out.append([c / total for c in counts] if total else None)
+            out.append([c / total for c in counts] if total > 0 else None)
         return out
 
 
@@ -81,7 +93,8 @@ def relabel(examples: Sequence[Example], rubric: Rubric, mode: str) -> list[Exam
     if mode == "soft":
         return list(examples)
     if mode == "per_rater":
-        return [Example(f"{e.task_key}#{r}", e.data, {r: v}, e.hard) for e in examples for r, v in e.ratings.items()]
+        return [Example(f"{e.task_key}#{r}", e.data, {r: v}, e.hard, e.weights) for e in examples
+                for r, v in e.ratings.items()]
     if mode == "majority":
         return [Example(e.task_key, e.data, {"majority": majority_values(e, rubric)}, e.hard) for e in examples]
     raise ValueError(f"label mode must be one of {LABEL_MODES}, got {mode!r}")

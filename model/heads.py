@@ -197,13 +197,7 @@ def has_head(folder: Path) -> bool:
 
 def _counts(dim: Dimension, examples: Sequence[Example]) -> np.ndarray:
     """Per example, how many raters gave each value (rows of zeros where nobody rated the dimension)."""
-    out = np.zeros((len(examples), len(dim.values)))
-    for n, e in enumerate(examples):
-        for rating in e.ratings.values():
-            v = rating.get(dim.key)
-            if v in dim.values:
-                out[n, dim.values.index(v)] += 1
-    return out
+    return np.array([e.counts(dim) for e in examples], dtype=np.float64).reshape(len(examples), len(dim.values))
 
 
 def is_ordered(dim: Dimension) -> bool:
@@ -232,7 +226,7 @@ def train_dim(dim: Dimension, x: np.ndarray, counts: np.ndarray, seed: int = 0) 
     x, counts = x[rated], counts[rated]
     k = len(dim.values)
     pooled = counts.sum(axis=0)
-    shares = counts / np.clip(counts.sum(axis=1, keepdims=True), 1, None)
+    shares = counts / counts.sum(axis=1, keepdims=True)  # weighted votes: a row may sum below 1
     if len(x) < MIN_TASKS or np.count_nonzero(pooled) < 2:
         return DimHead("constant", np.zeros((k, 0)), label_shares(pooled) if pooled.sum() else np.full(k, 1 / k), k,
                        decision=Decision())

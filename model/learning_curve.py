@@ -11,7 +11,6 @@ import gc
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from slm_annotator.model.dataset import Example
 from slm_annotator.model.devdata import DevSet
 from slm_annotator.model.experiment import distributions, report, split_devset
 from slm_annotator.model.loader import load_base
+from slm_annotator.model.plan import label_counts
 from slm_annotator.model.rubric import Rubric, parse_label_config
 from slm_annotator.model.training import TrainConfig, train_adapter
 
@@ -55,8 +55,8 @@ def majority_distributions(rubric: Rubric, train: Sequence[Example], n_test: int
     """One-hot on each dimension's most frequent training label (ties: scale order), for every test item."""
     per_dim = []
     for dim in rubric.dimensions:
-        counts = Counter(r[dim.key] for e in train for r in e.ratings.values() if r.get(dim.key) in dim.values)
-        top = max(dim.values, key=lambda v: (counts[v], -dim.values.index(v)))
+        counts = label_counts(dim, train)
+        top = max(dim.values, key=lambda v: (counts[dim.values.index(v)], -dim.values.index(v)))
         per_dim.append(torch.nn.functional.one_hot(torch.tensor(dim.values.index(top)), len(dim.values)).float())
     return [list(per_dim) for _ in range(n_test)]
 

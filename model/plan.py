@@ -96,10 +96,7 @@ def label_counts(dim: Dimension, examples: Sequence[Example]) -> list[float]:
     """How often the raters gave each value: the distribution decisions are fitted to."""
     counts = [0.0] * len(dim.values)
     for e in examples:
-        for rating in e.ratings.values():
-            v = rating.get(dim.key)
-            if v in dim.values:
-                counts[dim.values.index(v)] += 1
+        counts = [a + b for a, b in zip(counts, e.counts(dim), strict=True)]
     return counts
 
 

@@ -16,6 +16,8 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from slm_annotator.settings import RATER_WEIGHTINGS
+
 log = logging.getLogger(__name__)
 MAX_MEMBERS = 8  # ensemble members: each is a trained adapter and a forward pass per task
 ROUTES = ("none", "human", "judge")
@@ -61,6 +63,8 @@ class TrainingOverrides:
     weight_decay: float | None = _opt(float, 0.0, 1.0, help="AdamW weight decay")
     warmup_fraction: float | None = _opt(float, 0.0, 0.5, help="share of steps warming the learning rate up")
     templates: int | None = _opt(int, 1, 8, help="prompt templates an adapter learns")
+    rater_weighting: str | None = _opt(str, choices=RATER_WEIGHTINGS, help="weight each rater's vote by a "
+                                       "reliability estimated from the labels (RATER_WEIGHTING)")
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def continual_settings(settings):
 def test_continual_set_is_the_pool_plus_replay_and_never_a_heldout_task(continual_settings) -> None:
     store = Store(continual_settings.database_url)
     fill(store, "3", n_tasks=40)
-    rubric, examples = load_examples(store, "3")
+    rubric, examples, _ = load_examples(continual_settings, store, "3")
     from slm_annotator.model.dataset import split_heldout
 
     train, heldout = split_heldout(examples, 0.25, salt="project-3")

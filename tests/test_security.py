@@ -196,6 +196,7 @@ def test_an_authenticated_setup_may_move_label_studio(secured) -> None:
     ({"rubric": {"sentiment": 5}}, "rubric.sentiment"),
     ({"prefill_min_alpha": 2}, "prefill_min_alpha"),
     ({"head_every": 0}, "head_every"),
+    ({"training": {"rater_weighting": "crowd"}}, "training.rater_weighting"),
     ("{not json", "extra_params"),
 ])
 def test_setup_rejects_bad_extra_params_naming_the_key(open_client, extra, key) -> None:

@@ -30,7 +30,7 @@ def run_head(settings: Settings, store: Store, project_id: str, run_id: int) -> 
     started = time.perf_counter()
     project = store.project(project_id)
     extra = project.extra_params if project else {}
-    rubric, examples = load_examples(store, project_id)
+    rubric, examples, reliability = load_examples(settings, store, project_id)
     labels = store.count_labels(project_id)
     if len(examples) < MIN_TASKS:
         return RunOutcome("skipped", f"{len(examples)} labelled tasks: a head needs at least {MIN_TASKS}")
@@ -62,6 +62,8 @@ def run_head(settings: Settings, store: Store, project_id: str, run_id: int) -> 
         "current_version": served.model_version if served else settings.base_version,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
+    if reliability.method != "off":
+        metrics["rater_weights"] = reliability.summary()
     promote, changed = record_adapter(store, AdapterVersion(
         project_id=project_id, version=version, model_version=model_version, path=str(target),
         status="served" if promote else "refused", base_model=settings.base_model, metrics=metrics,

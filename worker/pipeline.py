@@ -28,12 +28,13 @@ from slm_annotator.model.heads import DEFAULT_ENCODER, Head, features, shared_en
 from slm_annotator.model.loader import load_base
 from slm_annotator.model.members import member_dir, member_of, member_paths
 from slm_annotator.model.plan import DimPlan, Plan, choose
+from slm_annotator.model.reliability import Reliability, estimate
 from slm_annotator.model.rubric import RubricError, parse_label_config
 from slm_annotator.model.training import TrainConfig, TrainStats, config_dict, save_adapter, train_adapter
 from slm_annotator.schema import AdapterVersion
 from slm_annotator.settings import Settings
 from slm_annotator.store import ServedChanged, Store
-from slm_annotator.worker.policy import members_for, prefill_bar_for
+from slm_annotator.worker.policy import members_for, prefill_bar_for, rater_weighting_for
 
 log = logging.getLogger(__name__)
 MIN_TASKS = 4
@@ -70,12 +71,19 @@ def project_dir(settings: Settings, project_id: str) -> Path:
     return settings.model_dir / "projects" / project_id / "adapters"
 
 
-def load_examples(store: Store, project_id: str) -> tuple[Any, list[Example]]:
+def load_examples(settings: Settings, store: Store, project_id: str) -> tuple[Any, list[Example], Reliability]:
+    """The project's rubric and labelled tasks, each rater's vote weighted as the project asks (model.reliability).
+
+    Weights are estimated on every label (held-out ones too: they use no model, only who agreed with whom) and
+    change only the targets a learner fits; agreement is always measured against the raters' own labels.
+    """
     project = store.project(project_id)
     if project is None or not project.label_config:
         raise RubricError(f"project {project_id} has no label config yet (connect it in Label Studio or sync)")
     rubric = parse_label_config(project.label_config, project.extra_params)
-    return rubric, examples_from_labels(rubric, store.labels(project_id))
+    examples = examples_from_labels(rubric, store.labels(project_id))
+    reliability = estimate(rubric, examples, rater_weighting_for(settings, project.extra_params))
+    return rubric, reliability.apply(examples), reliability
 
 
 def run_training(
@@ -85,7 +93,7 @@ def run_training(
     started = time.perf_counter()
     project = store.project(project_id)
     extra = project.extra_params if project else {}
-    rubric, examples = load_examples(store, project_id)
+    rubric, examples, reliability = load_examples(settings, store, project_id)
     train, heldout = split_heldout(examples, settings.heldout_fraction, salt=f"project-{project_id}")
     served = store.served_adapter(project_id)
     pool = store.hard_pool(project_id) if continual else []
@@ -139,6 +147,8 @@ def run_training(
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     metrics["plan"] = plan.summary()
+    if reliability.method != "off":
+        metrics["rater_weights"] = reliability.summary()
     if head is not None:
         head.save(tmp / HEAD_DIR)
         metrics["head"] = {"labels": store.count_labels(project_id), "tasks": len(train),

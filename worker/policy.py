@@ -57,6 +57,11 @@ def head_every_for(settings: Settings, extra_params: dict[str, Any] | None) -> i
     return project_settings.stored(extra_params).head_every or settings.head_every
 
 
+def rater_weighting_for(settings: Settings, extra_params: dict[str, Any] | None) -> str:
+    """How much each rater's vote counts in training (RATER_WEIGHTING, extra_params training.rater_weighting)."""
+    return project_settings.stored(extra_params).training.rater_weighting or settings.rater_weighting
+
+
 def prefill_bar_for(settings: Settings, extra_params: dict[str, Any] | None) -> float | None:
     """The alpha a dimension needs to be pre-filled (extra_params "prefill_min_alpha"; -1 pre-fills every
     measured dimension); None: no bar (PREFILL_MIN_ALPHA=none)."""
