@@ -43,7 +43,8 @@ pack() {
 
 run() {  # there: one process per (set, seed), GPUs taken in turn; merged into $OUT/$LABEL
   export PYTHONPATH=/tmp/site:$PWD SLM_SHARED_DATA=/tmp/data QUANTIZATION=none PYTHONUNBUFFERED=1 \
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MODEL_DIR=${MODEL_DIR:-/tmp/model_dir}
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MODEL_DIR=${MODEL_DIR:-/tmp/model_dir} \
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1  # a process per part: one thread each, or 18 x 32 fight
   local out=${OUT:-/tmp/out} limit=${LIMIT:-540} label=${LABEL:-gpu} parts=/tmp/rw-parts/${LABEL:-gpu}
   local sets=${SETS:-usr summeval lewidi:HS-Brexit lewidi:MD-Agreement lewidi:ConvAbuse lewidi:ArMIS}
   local seeds=${SEEDS:-0 1 2} gpus n=0 start

@@ -10,6 +10,11 @@ Guards, so that a handful of labels never moves anything: skills are shrunk towa
 ``PRIOR_LABELS`` pseudo-labels; a dimension with fewer than ``MIN_RATERS`` raters, or fewer than ``MIN_SHARED``
 tasks rated by two or more, keeps every weight at 1 (two raters who disagree cannot say which one is off).
 Weights change targets only (``Example.counts``); agreement is always measured against the raters' own labels.
+
+Methods (RATER_WEIGHTING, a project's ``training.rater_weighting``): ``one_coin`` (one accuracy per rater; the
+measured choice), ``dawid_skene`` (a confusion matrix per rater; unstable on skewed scales), ``auto`` (one-coin
+weights on a dimension only where some rater counts less than ``AUTO_BELOW``, i.e. sits far below the team; a
+team without such a rater trains exactly as with ``off``), and ``off``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ MIN_RATERS = 3
 MIN_SHARED = 10  # tasks with two or more raters
 PRIOR_LABELS = 10.0  # pseudo-labels at the team's median skill added to every rater's estimate
 FLOOR = 0.02  # the least a vote counts: a task rated only by a careless rater keeps a target
+AUTO_BELOW = 0.5  # auto: a dimension is weighted only where some rater's weight falls below this
 SMOOTHING = 1.0  # Dirichlet pseudo-count on each confusion cell (more on the diagonal), so EM is stable
 
 
@@ -57,12 +63,13 @@ class Reliability:
                 for e in examples]
 
     def summary(self) -> dict[str, Any]:
-        """For a training run's metrics: per dimension the raters weighted below 1, and why nothing was."""
+        """For a training run's metrics (served by /versions, so no annotator names: those are e-mails): per
+        dimension how many raters counted less than a full vote and the least weight; where nothing was, why."""
         out: dict[str, Any] = {"method": self.method, "dimensions": {}}
         for key, raters in self.dims.items():
-            low = {r: round(w.weight, 3) for r, w in sorted(raters.items(), key=lambda x: x[1].weight)
-                   if w.weight < 1.0}
-            out["dimensions"][key] = {"raters": len(raters), "down_weighted": low}
+            out["dimensions"][key] = {"raters": len(raters),
+                                      "down_weighted": sum(1 for w in raters.values() if w.weight < 1.0),
+                                      "lowest_weight": min(w.weight for w in raters.values())}
         for key, reason in self.reasons.items():
             out["dimensions"][key] = {"unweighted": reason}
         return out
@@ -81,8 +88,13 @@ def estimate(rubric: Rubric, examples: Sequence[Example], method: str = "one_coi
         if reason:
             out.reasons[dim.key] = reason
             continue
-        skills = _one_coin_skills(rows, len(dim.values)) if method == "one_coin" else _skills(rows, len(dim.values))
-        out.dims[dim.key] = _weights(skills, rows)
+        skills = _skills(rows, len(dim.values)) if method == "dawid_skene" else _one_coin_skills(rows, len(dim.values))
+        weights = _weights(skills, rows)
+        lowest = min(w.weight for w in weights.values())
+        if method == "auto" and lowest >= AUTO_BELOW:
+            out.reasons[dim.key] = f"no rater far below the team (lowest weight {lowest:.2f} >= {AUTO_BELOW})"
+            continue
+        out.dims[dim.key] = weights
     return out
 
 

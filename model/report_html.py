@@ -365,6 +365,8 @@ def render_project(report: dict[str, Any]) -> str:
     elif report.get("agreement_reason"):
         sections.append(f"<h2>Agreement per dimension</h2><p class=\"na\">{esc(report['agreement_reason'])}</p>")
     sections.append(_serving_table(p.get("serving")))
+    if p.get("rater_weights"):
+        sections.append(_rater_weights_table(p["rater_weights"]))
     sections += _adapter_sections(report.get("adapters") or [])
     if report.get("costs"):
         sections.append(_cost_table(report["costs"], report.get("hard_pool")))
@@ -384,6 +386,19 @@ def _serving_table(plan: dict[str, Any] | None) -> str:
                    f"<td>{'yes' if d.get('prefill') else 'no: below the bar'}</td></tr>" for k, d in plan.items())
     return ("<h2>What is served</h2><table><tr><th>dimension</th><th>answered by</th><th>measured α</th>"
             f"<th>pre-filled</th></tr>{rows}</table>")
+
+
+def _rater_weights_table(weights: dict[str, Any]) -> str:
+    """How much the served version let each rater's vote count (RATER_WEIGHTING), per dimension."""
+    rows = "".join(
+        f"<tr><td>{esc(k)}</td>" + (f"<td class=\"num\">{d['down_weighted']} of {d['raters']}</td>"
+                                    f"{number_cell(d.get('lowest_weight'))}<td></td>" if "raters" in d else
+                                    f"<td></td><td></td><td>{esc(d.get('unweighted'))}</td>") + "</tr>"
+        for k, d in weights.get("dimensions", {}).items())
+    return (f"<h2>Rater weighting in training ({esc(weights.get('method'))})</h2><table><tr><th>dimension</th>"
+            "<th>raters counted less than one vote</th><th>least weight</th><th>not weighted because</th></tr>"
+            f"{rows}</table><p class=\"note\">Who: the per-annotator section above (α against the others' "
+            "consensus).</p>")
 
 
 def _adapter_sections(adapters: Sequence[dict[str, Any]]) -> list[str]:

@@ -107,6 +107,7 @@ def build_project_report(store: Store, project_id: str, base_version: str, n_boo
         "tasks": len(ratings.items) if ratings else 0, "raters": len(ratings.raters) if ratings else 0,
         "pending": store.pending_changes(project_id),
         "serving": (served.metrics or {}).get("plan") if served else None,  # per dimension: source, alpha, prefill
+        "rater_weights": (served.metrics or {}).get("rater_weights") if served else None,  # model.reliability
     }
     report["adapters"] = [adapter_entry(a) for a in store.adapters(project_id)]
     report["runs"] = [run_entry(r) for r in store.runs(project_id)]

@@ -53,7 +53,7 @@ def _env_bar(name: str, default: float) -> float | None:
 
 ROUTES = {"none", "human", "judge"}  # where items the ensemble disagrees on go (ROUTE)
 # RATER_WEIGHTING: how much each rater's vote counts in training targets (model.reliability)
-RATER_WEIGHTINGS = ("off", "dawid_skene", "one_coin")
+RATER_WEIGHTINGS = ("off", "auto", "one_coin", "dawid_skene")
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class Settings:
     bulk_chunk: int = 64  # BULK_CHUNK: tasks a bulk prediction job scores and writes to Label Studio at once
     bulk_job_timeout: int = 6 * 3600  # BULK_JOB_TIMEOUT: seconds one bulk prediction job may run
     bulk_ls_patience: float = 900.0  # BULK_LS_PATIENCE: seconds a bulk job retries a Label Studio that is down
-    rater_weighting: str = "off"  # RATER_WEIGHTING: one of RATER_WEIGHTINGS (off: every vote counts 1)
+    rater_weighting: str = "auto"  # RATER_WEIGHTING: one of RATER_WEIGHTINGS (off: every vote counts 1)
     bind_host: str = "127.0.0.1"  # where `serve` listens (BIND_HOST, set from --host): not loopback needs auth
 
     @property
@@ -173,7 +173,7 @@ def load_settings() -> Settings:
     label_mode = _env("TRAIN_LABEL_MODE", "soft").lower()
     if label_mode not in {"soft", "majority", "per_rater"}:
         raise ValueError(f"TRAIN_LABEL_MODE must be 'soft', 'majority' or 'per_rater', got {label_mode!r}")
-    rater_weighting = _env("RATER_WEIGHTING", "off").lower()
+    rater_weighting = _env("RATER_WEIGHTING", "auto").lower()
     if rater_weighting not in RATER_WEIGHTINGS:
         raise ValueError(f"RATER_WEIGHTING must be one of {', '.join(RATER_WEIGHTINGS)}, got {rater_weighting!r}")
     route = _env("ROUTE", "human").lower()

@@ -54,6 +54,17 @@ def test_one_coin_finds_the_random_rater_on_a_skewed_scale_too() -> None:
     assert weights["dan"] < 0.5 and min(weights[r] for r in ("ann", "bob", "cat")) > 0.8, weights
 
 
+def test_auto_weights_only_where_a_rater_sits_far_below_the_team() -> None:
+    """auto: a clean team trains exactly as with off; with a random rater it is one_coin's weighting."""
+    clean = [replace(e, ratings={r: v for r, v in e.ratings.items() if r != "dan"}) for e in team(150)]
+    rel = estimate(SCALE, clean, "auto")
+    assert rel.dims == {} and "no rater far below the team" in rel.reasons["quality"]
+    assert rel.apply(clean) == [replace(e, weights={}) for e in clean]
+    noisy = estimate(SCALE, team(150), "auto")
+    assert noisy.dims["quality"] == estimate(SCALE, team(150), "one_coin").dims["quality"]
+    assert noisy.dims["quality"]["dan"].weight < 0.3
+
+
 def test_a_rater_with_three_labels_is_barely_moved() -> None:
     """Shrinkage toward the team: three random answers are not evidence enough to silence anyone."""
     rel = estimate(SCALE, team(150, careless_labels=3), "one_coin")
@@ -104,21 +115,26 @@ def test_a_careless_vote_barely_moves_a_weighted_target() -> None:
         moved_after += sum(abs(a - b) for a, b in zip(w.targets(SCALE)[0], real, strict=True))
     assert moved_after < 0.25 * moved_before
     assert all(w.weights["quality"]["dan"] >= FLOOR for w in weighted)
-    assert dim.key in rel.summary()["dimensions"] and "dan" in rel.summary()["dimensions"]["quality"]["down_weighted"]
+    summary = rel.summary()["dimensions"]["quality"]
+    assert summary["raters"] == 4 and summary["down_weighted"] >= 1 and summary["lowest_weight"] < 0.3
+    assert "dan" not in str(rel.summary()) and dim.key in rel.summary()["dimensions"]
 
 
 def test_the_setting_is_declared_once_and_bad_values_are_refused(monkeypatch) -> None:
     monkeypatch.setenv("RATER_WEIGHTING", "Dawid-Skene")
-    with pytest.raises(ValueError, match="RATER_WEIGHTING must be one of off, dawid_skene, one_coin"):
+    with pytest.raises(ValueError, match="RATER_WEIGHTING must be one of off, auto, one_coin, dawid_skene"):
         load_settings()
     monkeypatch.delenv("RATER_WEIGHTING")
-    assert load_settings().rater_weighting == "off" == RATER_WEIGHTINGS[0]
+    assert load_settings().rater_weighting == "auto" and set(RATER_WEIGHTINGS) == {"off", "auto", "one_coin",
+                                                                                   "dawid_skene"}
 
 
 @pytest.mark.slow  # the real all-MiniLM-L6-v2 weights
 def test_a_project_that_asks_for_weighting_trains_its_head_on_weighted_votes(settings) -> None:
-    """Through the worker's run: the project's training.rater_weighting down-weights the random rater, the run's
-    metrics say so, and the server's default (off) leaves every vote at 1 and records nothing."""
+    """Through the worker's run: the default (auto) down-weights the random rater, the run's metrics and the live
+    report say so; a project's training.rater_weighting "off" leaves every vote at 1 and records nothing."""
+    from slm_annotator.model.report_html import render_project
+    from slm_annotator.project_report import build_project_report
     from slm_annotator.worker.head_run import run_head
     from slm_annotator.worker.pipeline import load_examples
 
@@ -130,15 +146,19 @@ def test_a_project_that_asks_for_weighting_trains_its_head_on_weighted_votes(set
             store.upsert_label(project, toy_label(t, 5000 + t, "cat"))
             noisy = toy_label(t, 9000 + t, "dan", flip=rng.random() < 0.5)
             store.upsert_label(project, LabelIn(**{**noisy.__dict__}))
-    store.upsert_project("1", extra_params={"training": {"rater_weighting": "one_coin"}})
+    store.upsert_project("2", extra_params={"training": {"rater_weighting": "off"}})
     _, examples, rel = load_examples(settings, store, "1")
-    assert rel.method == "one_coin" and examples[0].weights["sentiment"]["dan"] < 0.3
+    assert rel.method == "auto" and examples[0].weights["sentiment"]["dan"] < 0.3
     outcome = run_head(settings, store, "1", store.start_run("1", "inline", "test").id)
-    down = outcome.metrics["rater_weights"]["dimensions"]["sentiment"]["down_weighted"]
-    assert list(down) == ["dan"] and down["dan"] < 0.3
+    sentiment = outcome.metrics["rater_weights"]["dimensions"]["sentiment"]
+    assert sentiment["down_weighted"] == 1 and sentiment["lowest_weight"] < 0.3 and sentiment["raters"] == 4
     stored = store.served_adapter("1").metrics
-    assert stored["rater_weights"]["method"] == "one_coin"
+    assert stored["rater_weights"]["method"] == "auto"
+    report = build_project_report(store, "1", settings.base_version, n_boot=50)
+    page = render_project(report)
+    assert "Rater weighting in training (auto)" in page and "1 of 4" in page
     _, plain, rel_off = load_examples(settings, store, "2")
     assert rel_off.method == "off" and all(e.weights == {} for e in plain)
     outcome_off = run_head(settings, store, "2", store.start_run("2", "inline", "test").id)
     assert "rater_weights" not in outcome_off.metrics
+    assert "Rater weighting" not in render_project(build_project_report(store, "2", settings.base_version, n_boot=50))
