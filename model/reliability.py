@@ -20,6 +20,7 @@ team without such a rater trains exactly as with ``off``), and ``off``.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -88,7 +89,14 @@ def estimate(rubric: Rubric, examples: Sequence[Example], method: str = "one_coi
         if reason:
             out.reasons[dim.key] = reason
             continue
-        skills = _skills(rows, len(dim.values)) if method == "dawid_skene" else _one_coin_skills(rows, len(dim.values))
+        try:  # an estimate is an option on top of training: it may give up, never take the run down
+            skills = (_skills if method == "dawid_skene" else _one_coin_skills)(rows, len(dim.values))
+        except (ValueError, ArithmeticError, KeyError, IndexError) as exc:
+            log.warning("rater reliability on %s failed, every vote counts 1: %s", dim.key, exc)
+            skills = {}
+        if not skills or not all(math.isfinite(v) for v in skills.values()):
+            out.reasons[dim.key] = "the reliability estimate did not converge to finite values"
+            continue
         weights = _weights(skills, rows)
         lowest = min(w.weight for w in weights.values())
         if method == "auto" and lowest >= AUTO_BELOW:

@@ -88,6 +88,21 @@ def test_too_few_raters_or_shared_tasks_keep_every_weight_and_say_why() -> None:
     assert estimate(SCALE, [], "one_coin").dims == {}
 
 
+def test_an_estimate_that_fails_leaves_every_vote_at_one(monkeypatch) -> None:
+    """Weighting is an option on top of training: a failed or non-finite estimate never takes a run down."""
+    from slm_annotator.model import reliability
+
+    monkeypatch.setattr(reliability, "_one_coin_skills", lambda rows, k: dict.fromkeys("abcd", float("nan")))
+    rel = estimate(SCALE, team(60), "auto")
+    assert rel.dims == {} and "did not converge" in rel.reasons["quality"]
+
+    def boom(rows: object, k: int) -> dict[str, float]:
+        raise ZeroDivisionError("degenerate")
+
+    monkeypatch.setattr(reliability, "_one_coin_skills", boom)
+    assert estimate(SCALE, team(60), "one_coin").apply(team(60)) == team(60)
+
+
 def test_weights_reach_targets_consensus_and_label_shares_alike() -> None:
     """Example.counts is the one place votes are counted: soft targets, the consensus, the decision's shares."""
     e = Example("1", {"text": "x"}, {"a": {"quality": "4"}, "b": {"quality": "4"}, "c": {"quality": "2"},
