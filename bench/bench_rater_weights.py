@@ -1,13 +1,15 @@
 """Rater weighting benchmark: does weighting each rater's vote by a Dawid-Skene reliability help the model?
 
 For every dev set with several raters per item (bench_recipes' splits: USR, SummEval, the four LeWiDi sets;
-GoEmotions has gold labels only), several seeds, two conditions of the TRAINING labels:
+GoEmotions has gold labels only), several seeds, four conditions of the TRAINING labels:
 
-  clean      the raters as they are
-  careless   on every training task one rater is replaced by a synthetic careless one who answers uniformly at
-             random on each dimension: the task's first rater in a seed-fixed order, so on a fixed panel (USR,
-             SummEval, HS-Brexit, ArMIS) one real rater's labels are all replaced, and on a pool (MD-Agreement,
-             ConvAbuse) the careless rater takes one seat on every task
+  clean           the raters as they are
+  careless        on every training task one rater is replaced by a synthetic careless one who answers uniformly
+                  at random on each dimension: the task's first rater in a seed-fixed order, so on a fixed panel
+                  (USR, SummEval, HS-Brexit, ArMIS) one real rater's labels are all replaced, and on a pool
+                  (MD-Agreement, ConvAbuse) the careless rater takes one seat on every task
+  careless-third  the same on a third of the tasks
+  biased          the replaced rater's own value one step up the scale (clipped; on yes/no: always the second)
 
 and for each learner, weighting off vs ``dawid_skene`` (model.reliability, what a project's
 ``training.rater_weighting`` turns on). Test labels are never touched: every cell is alpha against the REAL
@@ -17,7 +19,7 @@ the product's QLoRA adapter (TrainConfig of the settings; a GPU makes it practic
 
 Also recorded per run: the weight the careless rater got and the weights of the real raters (min / median).
 
-  python -m bench.bench_rater_weights --label cpu-head                 # head, majority; CPU, a few minutes
+  python -m bench.bench_rater_weights --label cpu-head                 # head, majority; CPU, ~6 minutes
   python -m bench.bench_rater_weights --base --adapter --label gpu     # everything (GPU)
 
 Writes bench/results/rater-weights/<label>/results.json and table.md.
@@ -62,25 +64,41 @@ from slm_annotator.settings import RATER_WEIGHTINGS
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "rater-weights"
 SETS = ("usr", "summeval", "lewidi:HS-Brexit", "lewidi:MD-Agreement", "lewidi:ConvAbuse", "lewidi:ArMIS")
-CONDITIONS = ("clean", "careless")
+CONDITIONS = ("clean", "careless", "careless-third", "biased")
 CARELESS = "synthetic-careless"
 WEIGHTINGS = RATER_WEIGHTINGS  # off first: the others are compared with it
 
 log = logging.getLogger("bench_rater_weights")
 
 
-def inject_careless(rubric: Rubric, train: Sequence[Example], seed: int) -> list[Example]:
-    """Each task's first rater (in a seed-fixed order of all raters) replaced by a uniformly random one."""
+def inject(rubric: Rubric, train: Sequence[Example], seed: int, condition: str) -> list[Example]:
+    """The training labels of a condition: each task's first rater (in a seed-fixed order of all raters) replaced
+    by the synthetic rater, on every task (careless, biased) or on a third of them (careless-third). careless
+    answers uniformly at random; biased gives the replaced rater's own value one step up the scale (clipped at the
+    top: on a yes/no scale that is always the second value), so it still ranks items but never agrees exactly."""
+    if condition == "clean":
+        return list(train)
     rng = random.Random(f"careless-{seed}")
     raters = sorted({r for e in train for r in e.ratings})
     rank = {r: i for i, r in enumerate(rng.sample(raters, len(raters)))}
     out = []
     for e in train:
+        if condition == "careless-third" and rng.random() >= 1 / 3:
+            out.append(e)
+            continue
         seat = min(e.ratings, key=rank.__getitem__)
         ratings = {r: v for r, v in e.ratings.items() if r != seat}
-        ratings[CARELESS] = {dim.key: rng.choice(dim.values) for dim in rubric.dimensions if dim.key in e.ratings[seat]}
+        own = e.ratings[seat]
+        ratings[CARELESS] = {dim.key: _synthetic(dim, own[dim.key], condition, rng)
+                             for dim in rubric.dimensions if own.get(dim.key) in dim.values}
         out.append(replace(e, ratings=ratings))
     return out
+
+
+def _synthetic(dim: Any, own: str, condition: str, rng: random.Random) -> str:
+    if condition == "biased" and is_ordered(dim):
+        return dim.values[min(dim.values.index(own) + 1, len(dim.values) - 1)]
+    return rng.choice(dim.values) if condition != "biased" else own
 
 
 def weight_stats(rel: Reliability) -> dict[str, Any]:
@@ -118,7 +136,7 @@ def run_one(ctx: Context, name: str, seed: int) -> dict[str, Any]:
     weights: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for condition in CONDITIONS:
-        train = task.train if condition == "clean" else inject_careless(rubric, task.train, seed)
+        train = inject(rubric, task.train, seed, condition)
         for weighting in WEIGHTINGS:
             t = time.perf_counter()
             rel = estimate(rubric, train, weighting)
@@ -212,15 +230,19 @@ def tables(runs: Sequence[dict[str, Any]]) -> str:
         gain_lines.append("| **all runs** | " + " | ".join(
             f"{_fmt(v)} ({sum(d > 0 for d in v)}/{len(v)})" for lr in learners for c in CONDITIONS
             for v in [overall.get(f"{lr} {c}", [])]) + " |")
-        weight_lines += ["", f"{weighting} weights (careless condition, mean over seeds and dimensions): the careless"
-                         " rater's weight; the real raters' lowest and median weight:", "",
-                         "| set | careless | real min | real median |", "|---|---|---|---|"]
+        synthetic = [c for c in CONDITIONS if c != "clean"]
+        weight_lines += ["", f"{weighting} weights (mean over seeds and dimensions; n/a: not weighted): the synthetic "
+                         "rater's weight per condition; the real raters' lowest and median weight with a careless "
+                         "rater:", "", "| set | " + " | ".join(synthetic) + " | real min | real median |",
+                         "|---|" + "---|" * (len(synthetic) + 2)]
         for s in sets:
-            ws = [d for r in runs if r["set"] == s
-                  for d in r["weights"].get("careless", {}).get(weighting, {}).values()
-                  if d.get("careless") is not None]
-            weight_lines.append(f"| {s} | {_fmt([d['careless'] for d in ws])} | {_fmt([d['real_min'] for d in ws])}"
-                                f" | {_fmt([d['real_median'] for d in ws])} |" if ws else f"| {s} | unweighted | | |")
+            def stats(c: str, s: str = s) -> list[dict[str, Any]]:
+                return [d for r in runs if r["set"] == s for d in r["weights"].get(c, {}).get(weighting, {}).values()
+                        if d.get("careless") is not None]
+            cells = [_fmt([d["careless"] for d in stats(c)]) for c in synthetic]
+            ws = stats("careless")
+            weight_lines.append(f"| {s} | " + " | ".join(cells) + f" | {_fmt([d['real_min'] for d in ws])} | "
+                                f"{_fmt([d['real_median'] for d in ws])} |")
     return "\n".join(lines + gain_lines + weight_lines) + "\n"
 
 
