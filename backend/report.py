@@ -21,6 +21,7 @@ from slm_annotator.backend.services import Services
 from slm_annotator.costs import Prices
 from slm_annotator.model.report_html import CSP, render_project
 from slm_annotator.project_report import build_project_report
+from slm_annotator.worker.policy import rater_weighting_for
 
 bp = Blueprint("report", __name__)
 CACHE_SECONDS = 30.0
@@ -77,7 +78,8 @@ def _report(project: str) -> dict[str, Any]:
         return hit[2]
     with _slot(svc):
         report = build_project_report(svc.store, pid, svc.settings.base_version, key[1],
-                                      prices=Prices.of(svc.settings), hide_raters=hide)
+                                      prices=Prices.of(svc.settings), hide_raters=hide,
+                                      rater_weighting=rater_weighting_for(svc.settings, stored.extra_params))
     report["json_url"] = f"/report/{pid}.json"
     with _lock:
         if len(_cache) >= MAX_CACHED:

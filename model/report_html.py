@@ -365,8 +365,8 @@ def render_project(report: dict[str, Any]) -> str:
     elif report.get("agreement_reason"):
         sections.append(f"<h2>Agreement per dimension</h2><p class=\"na\">{esc(report['agreement_reason'])}</p>")
     sections.append(_serving_table(p.get("serving")))
-    if p.get("rater_weights"):
-        sections.append(_rater_weights_table(p["rater_weights"]))
+    if report.get("rater_weights"):
+        sections.append(_rater_weights_table(report["rater_weights"]))
     sections += _adapter_sections(report.get("adapters") or [])
     if report.get("costs"):
         sections.append(_cost_table(report["costs"], report.get("hard_pool")))
@@ -389,16 +389,18 @@ def _serving_table(plan: dict[str, Any] | None) -> str:
 
 
 def _rater_weights_table(weights: dict[str, Any]) -> str:
-    """How much the served version let each rater's vote count (RATER_WEIGHTING), per dimension."""
-    rows = "".join(
-        f"<tr><td>{esc(k)}</td>" + (f"<td class=\"num\">{d['down_weighted']} of {d['raters']}</td>"
-                                    f"{number_cell(d.get('lowest_weight'))}<td></td>" if "raters" in d else
-                                    f"<td></td><td></td><td>{esc(d.get('unweighted'))}</td>") + "</tr>"
-        for k, d in weights.get("dimensions", {}).items())
-    return (f"<h2>Rater weighting in training ({esc(weights.get('method'))})</h2><table><tr><th>dimension</th>"
-            "<th>raters counted less than one vote</th><th>least weight</th><th>not weighted because</th></tr>"
-            f"{rows}</table><p class=\"note\">Who: the per-annotator section above (α against the others' "
-            "consensus).</p>")
+    """How much each annotator's vote counts in training (RATER_WEIGHTING) on today's labels, per dimension."""
+    def who(d: dict[str, Any]) -> str:
+        if "unweighted" in d:
+            return f"<td>every vote counts 1: {esc(d['unweighted'])}</td>"
+        low = ", ".join(f"{esc(r)}: {w:.2f}" for r, w in d["down_weighted"].items())
+        return f"<td>{low or 'every vote counts 1'}</td>"
+
+    rows = "".join(f"<tr><td>{esc(k)}</td>{who(d)}</tr>" for k, d in weights.get("dimensions", {}).items())
+    return (f"<h2>Rater weighting in training ({esc(weights.get('method'))})</h2><p class=\"note\">How much each "
+            "annotator's vote counts in what the models learn if they trained on today's labels (a reliability "
+            "estimated from who agreed with whom; 1 = a full vote).</p><table><tr><th>dimension</th>"
+            f"<th>annotators counted less than one vote</th></tr>{rows}</table>")
 
 
 def _adapter_sections(adapters: Sequence[dict[str, Any]]) -> list[str]:

@@ -10,7 +10,9 @@ from typing import Any
 from slm_annotator.costs import Prices, cost_table
 from slm_annotator.model.agreement_report import build_report
 from slm_annotator.model.annotations_io import Ratings, from_store, iso_stamp
-from slm_annotator.model.rubric import RubricError
+from slm_annotator.model.dataset import examples_from_labels
+from slm_annotator.model.reliability import estimate
+from slm_annotator.model.rubric import RubricError, parse_label_config
 from slm_annotator.schema import AdapterVersion, BulkRun, TrainingRun
 from slm_annotator.store import Store
 
@@ -74,18 +76,40 @@ def auto_boot(n_items: int) -> int:
     return AUTO_BOOT if n_items <= AUTO_BOOT_ITEMS else 0
 
 
+def aliases(ratings: Ratings) -> dict[str, str]:
+    """The human raters' pseudonyms, "rater 1", "rater 2"... in first-seen order."""
+    return {name: f"rater {n}" for n, name in enumerate(ratings.human, 1)}
+
+
 def pseudonymous(ratings: Ratings) -> Ratings:
     """The human raters as "rater 1", "rater 2"... in first-seen order: their e-mails are for authenticated eyes."""
-    alias = {name: f"rater {n}" for n, name in enumerate(ratings.human, 1)}
+    alias = aliases(ratings)
     ratings.human = {alias[name]: by_item for name, by_item in ratings.human.items()}
     ratings.times = {alias.get(name, "rater ?"): t for name, t in ratings.times.items()}
     ratings.golden = {item: (alias.get(author, "rater ?"), values) for item, (author, values) in ratings.golden.items()}
     return ratings
 
 
+def rater_weights(store: Store, project_id: str, method: str, alias: dict[str, str] | None) -> dict[str, Any]:
+    """How much each annotator's vote would count if the project trained now (model.reliability), per dimension:
+    the annotators counted less than a full vote (by pseudonym where alias is given), or why nobody was."""
+    project = store.project(project_id)
+    if project is None or not project.label_config:
+        return {}
+    rubric = parse_label_config(project.label_config, project.extra_params)
+    rel = estimate(rubric, examples_from_labels(rubric, store.labels(project_id)), method)
+    name = (lambda r: alias.get(r, "rater ?")) if alias is not None else str
+    dims: dict[str, Any] = {key: {"down_weighted": {name(r): w.weight for r, w in sorted(
+        raters.items(), key=lambda x: x[1].weight) if w.weight < 1.0}} for key, raters in rel.dims.items()}
+    dims.update({key: {"unweighted": reason} for key, reason in rel.reasons.items()})
+    return {"method": method, "dimensions": dims}
+
+
 def build_project_report(store: Store, project_id: str, base_version: str, n_boot: int | None = None,
-                         seed: int = 0, prices: Prices | None = None, hide_raters: bool = False) -> dict[str, Any]:
-    """Raises KeyError for an unknown project. hide_raters: annotators (e-mails) replaced by pseudonyms."""
+                         seed: int = 0, prices: Prices | None = None, hide_raters: bool = False,
+                         rater_weighting: str = "off") -> dict[str, Any]:
+    """Raises KeyError for an unknown project. hide_raters: annotators (e-mails) replaced by pseudonyms.
+    rater_weighting: the project's RATER_WEIGHTING, whose weights on today's labels the report shows."""
     project = store.project(project_id)
     if project is None:
         raise KeyError(project_id)
@@ -96,6 +120,9 @@ def build_project_report(store: Store, project_id: str, base_version: str, n_boo
         ratings: Ratings | None = from_store(store, project_id)
     except RubricError as exc:
         ratings, report["agreement_reason"] = None, f"no usable label config yet: {exc}"
+    if ratings is not None and rater_weighting != "off":
+        report["rater_weights"] = rater_weights(store, project_id, rater_weighting,
+                                                aliases(ratings) if hide_raters else None)
     if ratings is not None and hide_raters:
         ratings = pseudonymous(ratings)
     if ratings is not None:
@@ -107,7 +134,6 @@ def build_project_report(store: Store, project_id: str, base_version: str, n_boo
         "tasks": len(ratings.items) if ratings else 0, "raters": len(ratings.raters) if ratings else 0,
         "pending": store.pending_changes(project_id),
         "serving": (served.metrics or {}).get("plan") if served else None,  # per dimension: source, alpha, prefill
-        "rater_weights": (served.metrics or {}).get("rater_weights") if served else None,  # model.reliability
     }
     report["adapters"] = [adapter_entry(a) for a in store.adapters(project_id)]
     report["runs"] = [run_entry(r) for r in store.runs(project_id)]

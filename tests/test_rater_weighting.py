@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 
@@ -169,9 +170,14 @@ def test_a_project_that_asks_for_weighting_trains_its_head_on_weighted_votes(set
     assert sentiment["down_weighted"] == 1 and sentiment["lowest_weight"] < 0.3 and sentiment["raters"] == 4
     stored = store.served_adapter("1").metrics
     assert stored["rater_weights"]["method"] == "auto"
-    report = build_project_report(store, "1", settings.base_version, n_boot=50)
+    report = build_project_report(store, "1", settings.base_version, n_boot=50, rater_weighting="auto")
+    assert report["rater_weights"]["dimensions"]["sentiment"]["down_weighted"]["dan"] < 0.3
     page = render_project(report)
-    assert "Rater weighting in training (auto)" in page and "1 of 4" in page
+    assert "Rater weighting in training (auto)" in page and "dan: 0." in page
+    hidden = build_project_report(store, "1", settings.base_version, n_boot=50, hide_raters=True,
+                                  rater_weighting="auto")
+    assert "dan" not in json.dumps(hidden) and list(hidden["rater_weights"]["dimensions"]["sentiment"][
+        "down_weighted"]) == ["rater 4"]
     _, plain, rel_off = load_examples(settings, store, "2")
     assert rel_off.method == "off" and all(e.weights == {} for e in plain)
     outcome_off = run_head(settings, store, "2", store.start_run("2", "inline", "test").id)

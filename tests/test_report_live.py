@@ -80,8 +80,9 @@ def test_report_json_has_live_agreement_adapters_and_runs(live) -> None:
     assert reply.status_code == 200, reply.json
     body = _no_nan(reply.get_data(as_text=True))
     assert body["project"] == {"id": "31", "served": "m-p31-v1", "labels": 60, "tasks": 30, "raters": 2,
-                               "pending": 0, "serving": None,  # the promoted run took every label; no plan stored
-                               "rater_weights": None}
+                               "pending": 0, "serving": None}  # the promoted run took every label; no plan stored
+    # two raters: which one is off cannot be told, so the default (auto) weights nothing, and says why
+    assert "2 rater(s)" in body["rater_weights"]["dimensions"]["sentiment"]["unweighted"]
     dim = body["agreement"]["dimensions"]["sentiment"]
     assert body["agreement"]["model"] == "m-p31-v1"
     assert dim["human_alpha"]["value"] == pytest.approx(1.0)  # the two toy raters always agree
