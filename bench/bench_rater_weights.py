@@ -128,7 +128,6 @@ def run_one(ctx: Context, name: str, seed: int) -> dict[str, Any]:
     ctx.sentence.save()
     methods: dict[str, dict[str, Any]] = {"majority": score(rubric, test, majority_answers(rubric, task.train,
                                                                                            len(test)))}
-    base_dists = None
     if args.base:
         base = ctx.load_base()
         base_dists = slm_distributions(base, rubric, test, ctx.cfg.max_tokens, args.batch)
@@ -308,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cuda = settings.device != "cpu" and (args.base or args.adapter) and _cuda()
     args.batch = 32 if cuda else 8
     ctx = Context(args, settings, CachedEncoder(SentenceEncoder(DEFAULT_ENCODER), CACHE / DEFAULT_ENCODER),
-                  cfg=product_train_config(settings) if args.adapter else None)
+                  cfg=product_train_config(settings) if (args.adapter or args.base) else None)
     result: dict[str, Any] = {
         "label": args.label, "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv), "machine": machine_info("cuda" if cuda else "cpu"),

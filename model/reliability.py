@@ -1,10 +1,11 @@
 """How much each rater's vote counts in training: a reliability per rater and dimension, from the labels alone.
 
-One careless rater in three pulls every soft target toward noise. Dawid-Skene (crowd-kit's EM) estimates, from
-who agreed with whom, each rater's confusion matrix against a latent true label; from it comes the rater's
-skill, a chance-corrected accuracy (Cohen's kappa against the latent label: 0 for a rater who answers at
-random, 1 for a perfect one). A rater's vote then counts skill / team median skill, capped at 1: nobody counts
-more than one vote, a rater as good as the middle of the team counts fully, a random one almost nothing.
+One careless rater in three pulls every soft target toward noise. crowd-kit's one-coin Dawid-Skene EM estimates,
+from who agreed with whom, one accuracy per rater against a latent true label; rescaled so that a rater who
+answers at random scores 0 and a perfect one 1, that is the rater's skill (``dawid_skene`` reads a full
+confusion matrix per rater as Cohen's kappa against the latent label instead). A rater's vote then counts
+skill / team median skill, capped at 1: nobody counts more than one vote, a rater as good as the middle of the
+team counts fully, a random one almost nothing.
 
 Guards, so that a handful of labels never moves anything: skills are shrunk toward the team's median by
 ``PRIOR_LABELS`` pseudo-labels; a dimension with fewer than ``MIN_RATERS`` raters, or fewer than ``MIN_SHARED``
@@ -51,7 +52,7 @@ class RaterWeight:
 
 @dataclass
 class Reliability:
-    """Per dimension, each rater's weight; ``reason`` says why a dimension kept every weight at 1."""
+    """Per dimension, each rater's weight; ``reasons`` says why a dimension kept every weight at 1."""
 
     method: str
     dims: dict[str, dict[str, RaterWeight]] = field(default_factory=dict)
@@ -90,7 +91,7 @@ def estimate(rubric: Rubric, examples: Sequence[Example], method: str = "one_coi
             out.reasons[dim.key] = reason
             continue
         try:  # an estimate is an option on top of training: it may give up, never take the run down
-            skills = (_skills if method == "dawid_skene" else _one_coin_skills)(rows, len(dim.values))
+            skills = (_dawid_skene_skills if method == "dawid_skene" else _one_coin_skills)(rows, len(dim.values))
         except (ValueError, ArithmeticError, KeyError, IndexError) as exc:
             log.warning("rater reliability on %s failed, every vote counts 1: %s", dim.key, exc)
             skills = {}
@@ -125,7 +126,7 @@ def _too_little(rows: Sequence[tuple[str, str, int]]) -> str:
     return ""
 
 
-def _skills(rows: Sequence[tuple[str, str, int]], k: int) -> dict[str, float]:
+def _dawid_skene_skills(rows: Sequence[tuple[str, str, int]], k: int) -> dict[str, float]:
     """Dawid-Skene's confusion matrices (crowd-kit), read as each rater's kappa against the latent label."""
     import pandas as pd
     from crowdkit.aggregation import DawidSkene
