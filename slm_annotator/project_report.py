@@ -13,7 +13,7 @@ from slm_annotator.model.annotations_io import Ratings, from_store, iso_stamp
 from slm_annotator.model.dataset import examples_from_labels
 from slm_annotator.model.reliability import estimate
 from slm_annotator.model.rubric import RubricError, parse_label_config
-from slm_annotator.schema import AdapterVersion, BulkRun, TrainingRun
+from slm_annotator.schema import AdapterVersion, BulkRun, Project, TrainingRun
 from slm_annotator.store import Store
 
 AUTO_BOOT_ITEMS = 500  # above this many items the page skips bootstrap intervals (ask for them with ?n_boot=)
@@ -90,14 +90,11 @@ def pseudonymous(ratings: Ratings) -> Ratings:
     return ratings
 
 
-def rater_weights(store: Store, project_id: str, method: str, alias: dict[str, str] | None) -> dict[str, Any]:
+def rater_weights(store: Store, project: Project, method: str, alias: dict[str, str] | None) -> dict[str, Any]:
     """How much each annotator's vote would count if the project trained now (model.reliability), per dimension:
     the annotators counted less than a full vote (by pseudonym where alias is given), or why nobody was."""
-    project = store.project(project_id)
-    if project is None or not project.label_config:
-        return {}
     rubric = parse_label_config(project.label_config, project.extra_params)
-    rel = estimate(rubric, examples_from_labels(rubric, store.labels(project_id)), method)
+    rel = estimate(rubric, examples_from_labels(rubric, store.labels(project.id)), method)
     name = (lambda r: alias.get(r, "rater ?")) if alias is not None else str
     dims: dict[str, Any] = {key: {"down_weighted": {name(r): w.weight for r, w in sorted(
         raters.items(), key=lambda x: x[1].weight) if w.weight < 1.0}} for key, raters in rel.dims.items()}
@@ -121,7 +118,7 @@ def build_project_report(store: Store, project_id: str, base_version: str, n_boo
     except RubricError as exc:
         ratings, report["agreement_reason"] = None, f"no usable label config yet: {exc}"
     if ratings is not None and rater_weighting != "off":
-        report["rater_weights"] = rater_weights(store, project_id, rater_weighting,
+        report["rater_weights"] = rater_weights(store, project, rater_weighting,
                                                 aliases(ratings) if hide_raters else None)
     if ratings is not None and hide_raters:
         ratings = pseudonymous(ratings)
